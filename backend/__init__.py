@@ -1,0 +1,1 @@
+"""Label Studio ML backend serving EVF-SAM text-prompted brush masks (HTTP server, RQ workers, embedded mode)."""
