@@ -1,0 +1,155 @@
+"""Pieces shared by EVF-SAM and EVF-SAM2: image features, the text projector, and the model base class."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+
+from evf_sam.config import EvfConfig
+from evf_sam.modeling.beit3 import BEiT3
+
+SEMANTIC_TOKEN = "[semantic]"
+
+
+@dataclass
+class ImageFeatures:
+    """SAM image embeddings of a batch of images.
+
+    `embeddings` [B,C,h,w] is what the mask decoder attends to (SAM-2: with `no_mem_embed` added); `high_res`
+    holds SAM-2's two skip maps after `conv_s0`/`conv_s1` ([B,C/8,4h,4w], [B,C/4,2h,2w]); empty for SAM-1.
+    """
+
+    embeddings: torch.Tensor
+    high_res: tuple[torch.Tensor, ...] = ()
+
+    def __len__(self) -> int:
+        return self.embeddings.shape[0]
+
+    def select(self, index: torch.Tensor) -> ImageFeatures:
+        """Rows `index` (LongTensor [T]) of every tensor, e.g. one row per prompt."""
+        index = index.to(self.embeddings.device)
+        return ImageFeatures(self.embeddings.index_select(0, index),
+                             tuple(t.index_select(0, index) for t in self.high_res))
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> ImageFeatures:
+        """Copy to another device and/or dtype."""
+        return ImageFeatures(self.embeddings.to(device=device, dtype=dtype),
+                             tuple(t.to(device=device, dtype=dtype) for t in self.high_res))
+
+    @staticmethod
+    def cat(parts: Sequence[ImageFeatures]) -> ImageFeatures:
+        """Concatenate along the image axis (e.g. cached single images into one batch)."""
+        return ImageFeatures(torch.cat([p.embeddings for p in parts]),
+                             tuple(torch.cat(ts) for ts in zip(*(p.high_res for p in parts))))
+
+
+def build_text_projector(hidden_size: int, out_dim: int) -> nn.ModuleList:
+    """Linear(D,D) -> ReLU -> Linear(D,out_dim) as `text_hidden_fcs.0.{0,2}` (the official key names)."""
+    return nn.ModuleList([nn.Sequential(nn.Linear(hidden_size, hidden_size), nn.ReLU(inplace=True),
+                                        nn.Linear(hidden_size, out_dim))])
+
+
+class MultimodalExtractor(nn.Module):
+    """Holds BEiT-3 under the attribute name used by the checkpoints (`mm_extractor.beit3`)."""
+
+    def __init__(self, dims: dict[str, int]) -> None:
+        super().__init__()
+        self.beit3 = BEiT3(**dims)
+
+
+class EvfPreTrainedModel(PreTrainedModel):
+    """Base of EvfSamModel / EvfSam2Model: BEiT-3 + projector, prompt encoding, and the contract attributes.
+
+    Subclasses build `visual_model` and implement `encode_images` and `decode_masks`. `load_model` attaches
+    `tokenizer`, `fingerprint` and `model_name`.
+    """
+
+    config_class = EvfConfig
+    base_model_prefix = "evf"
+    main_input_name = "pixel_values"
+    family: str = ""
+    # Buffers kept in float32 whatever the model dtype (the dense positional encoding is computed in fp32).
+    fp32_buffers: tuple[str, ...] = ()
+
+    def __init__(self, config: EvfConfig) -> None:
+        super().__init__(config)
+        self.mm_extractor = MultimodalExtractor(config.beit3_dims())
+        self.text_hidden_fcs = build_text_projector(config.hidden_size, config.out_dim)
+        self.tokenizer: Any = None
+        self.fingerprint: str = ""
+        self.model_name: str = ""
+
+    def _init_weights(self, module: nn.Module) -> None:
+        """No-op: modules initialise themselves and checkpoints are loaded by `evf_sam.loading`."""
+
+    @property
+    def sam_image_size(self) -> int:
+        """Side of the square SAM input."""
+        raise NotImplementedError
+
+    @property
+    def beit_image_size(self) -> int:
+        """Side of the square BEiT-3 input (224 for official checkpoints)."""
+        return self.mm_extractor.beit3.vision_embed.img_size
+
+    @property
+    def max_text_tokens(self) -> int:
+        """Longest token sequence (with <s> and </s>) BEiT-3 accepts."""
+        return self.mm_extractor.beit3.max_text_tokens
+
+    @property
+    def is_multitask(self) -> bool:
+        """True when the attached tokenizer knows the "[semantic]" token (the -multitask checkpoints)."""
+        if self.tokenizer is None:
+            return False
+        return SEMANTIC_TOKEN in self.tokenizer.get_vocab()
+
+    def encode_prompts(self, beit_pixels: torch.Tensor, input_ids: torch.Tensor,
+                       attention_mask: torch.Tensor) -> torch.Tensor:
+        """[T,3,224,224], [T,L], [T,L] (1 = real token) -> prompt tokens [T,1,out_dim] (visual [CLS], projected)."""
+        dtype = self.text_hidden_fcs[0][0].weight.dtype
+        tokens = self.mm_extractor.beit3(beit_pixels.to(dtype), input_ids, attention_mask)
+        return self.text_hidden_fcs[0](tokens[:, :1])
+
+    def encode_images(self, pixel_values: torch.Tensor) -> ImageFeatures:
+        """Normalised SAM input [B,3,S,S] -> ImageFeatures."""
+        raise NotImplementedError
+
+    def decode_masks(self, features: ImageFeatures, prompt_tokens: torch.Tensor,
+                     image_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """ImageFeatures of B images, tokens [T,1,C], image_index [T] -> low-res logits [T,1,h,w], IoU [T]."""
+        raise NotImplementedError
+
+    def forward(self, pixel_values: torch.Tensor, beit_pixels: torch.Tensor, input_ids: torch.Tensor,
+                attention_mask: torch.Tensor, image_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """encode_images + encode_prompts + decode_masks: low-res logits [T,1,h,w] (float32), IoU [T]."""
+        features = self.encode_images(pixel_values)
+        tokens = self.encode_prompts(beit_pixels, input_ids, attention_mask)
+        return self.decode_masks(features, tokens, image_index)
+
+    def dense_positional_encoding(self, pe_layer: nn.Module, size: tuple[int, int],
+                                  dtype: torch.dtype) -> torch.Tensor:
+        """SAM's random-Fourier positional encoding of the embedding grid [1,C,h,w], computed in fp32, cast to dtype."""
+        gaussian = pe_layer.positional_encoding_gaussian_matrix.float()
+        h, w = size
+        ys = (torch.arange(h, device=gaussian.device, dtype=torch.float32) + 0.5) / h
+        xs = (torch.arange(w, device=gaussian.device, dtype=torch.float32) + 0.5) / w
+        grid = torch.stack(torch.broadcast_tensors(xs[None, :], ys[:, None]), dim=-1)
+        angles = 2 * torch.pi * ((2 * grid - 1) @ gaussian)
+        pe = torch.cat([angles.sin(), angles.cos()], dim=-1)
+        return pe.permute(2, 0, 1).unsqueeze(0).to(dtype)
+
+    def _apply(self, fn: Any, recurse: bool = True) -> EvfPreTrainedModel:
+        kept = {name: self.get_buffer(name) for name in self.fp32_buffers}
+        super()._apply(fn, recurse)
+        for name, old in kept.items():
+            new = self.get_buffer(name)
+            if new.dtype != torch.float32:
+                source = new if old.is_meta or new.is_meta else old
+                module_name, _, attr = name.rpartition(".")
+                self.get_submodule(module_name)._buffers[attr] = source.to(device=new.device, dtype=torch.float32)
+        return self
