@@ -1,0 +1,85 @@
+"""Command line: `python -m backend serve|worker` (configuration comes from environment variables)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from pydantic import ValidationError
+
+from backend.settings import Settings
+
+
+def _environment_help() -> str:
+    lines = ["environment variables (see backend/settings.py):"]
+    for name, field in Settings.model_fields.items():
+        alias = field.validation_alias
+        names = getattr(alias, "choices", None) or [alias or name.upper()]
+        default = field.default if field.default_factory is None else field.default_factory()
+        shown = "unset" if default is None else default
+        text = f"  {' / '.join(str(n) for n in names)} (default: {shown})"
+        if field.description:
+            text += f"\n      {field.description}"
+        lines.append(text)
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (sub-commands serve, worker, and the not-yet-available prelabel/corrections)."""
+    parser = argparse.ArgumentParser(
+        prog="python -m backend", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Label Studio ML backend serving EVF-SAM text-prompted brush masks.\n"
+                    "Without REDIS_URL, `serve` runs jobs itself (embedded mode); with it, start one `worker` per GPU.",
+        epilog=_environment_help())
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = commands.add_parser("serve", help="run the HTTP server Label Studio connects to",
+                                description="Run the HTTP server (routes /health /setup /predict /webhook /versions "
+                                            "/metrics). Embedded mode loads the model at start.")
+    serve.add_argument("--host", help="interface to bind (default: HOST or 0.0.0.0)")
+    serve.add_argument("--port", type=int, help="port (default: PORT or 9090)")
+
+    worker = commands.add_parser("worker", help="run an RQ worker that holds the model (needs REDIS_URL)",
+                                 description="Take jobs from the interactive queue first, then batch. Loads the model "
+                                             "once before the first job. SIGTERM: finish the current job, then exit.")
+    worker.add_argument("--burst", action="store_true", help="exit once the queues are empty")
+    worker.add_argument("--name", help="worker name (default: evf-<host>-<pid>)")
+
+    for name in ("prelabel", "corrections"):
+        later = commands.add_parser(name, help="not available yet", add_help=False)
+        later.add_argument("rest", nargs=argparse.REMAINDER)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the process exit status."""
+    args = build_parser().parse_args(argv)
+    if args.command in ("prelabel", "corrections"):
+        print(f"python -m backend {args.command}: not available yet", file=sys.stderr)
+        return 2
+    try:
+        settings = Settings()
+    except ValidationError as error:
+        print(f"invalid configuration:\n{error}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    if args.command == "serve":
+        import uvicorn
+
+        from backend.app import create_app
+
+        uvicorn.run(create_app(settings), host=args.host or settings.host, port=args.port or settings.port,
+                    log_level=settings.log_level.lower(), timeout_graceful_shutdown=5)
+        return 0
+    if settings.redis_url is None:
+        print("python -m backend worker needs REDIS_URL (without it, `serve` runs the jobs itself)", file=sys.stderr)
+        return 2
+    from backend.worker import run_worker
+
+    return run_worker(settings, burst=args.burst, name=args.name)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,83 @@
+"""`python -m backend worker`: an RQ worker process that holds the model and serves `interactive` before `batch`.
+
+One worker per GPU. Jobs run in the worker process itself (no fork after CUDA init). While busy, the worker
+heartbeats every WORKER_HEARTBEAT_INTERVAL seconds; a worker that dies mid-job stops heartbeating, its job's
+StartedJobRegistry entry expires after WORKER_ABANDONED_AFTER seconds, and the next registry maintenance of any
+worker (RQ's abandoned-job handling) puts the job back on its queue while it has retries left.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+from typing import Any
+
+from redis.exceptions import RedisError
+from rq.job import Job
+from rq.queue import Queue
+from rq.serializers import JSONSerializer
+from rq.worker import SimpleWorker, WorkerStatus
+
+from backend.queueing import make_queues, publish_model_info, redis_connection
+from backend.settings import Settings, get_settings
+
+log = logging.getLogger(__name__)
+
+
+class EvfWorker(SimpleWorker):
+    """A non-forking RQ worker whose running jobs are declared abandoned soon after the worker dies."""
+
+    abandoned_after = 30
+    heartbeat_interval = 5.0
+
+    def get_heartbeat_ttl(self, job: Job, working_time: float = 0.0) -> int:
+        """How long the job's StartedJobRegistry entry lives without a new heartbeat."""
+        return self.abandoned_after
+
+    def execute_job(self, job: Job, queue: Queue) -> None:
+        execution = self.prepare_execution(job)
+        done = threading.Event()
+        beat = threading.Thread(target=self._heartbeat_while_busy, args=(job, execution, done),
+                                name="evf-heartbeat", daemon=True)
+        beat.start()
+        try:
+            self.perform_job(job, queue, execution)
+        finally:
+            done.set()
+            beat.join()
+        self.set_state(WorkerStatus.IDLE)
+
+    def _heartbeat_while_busy(self, job: Job, execution: Any, done: threading.Event) -> None:
+        while not done.wait(self.heartbeat_interval):
+            try:
+                self.maintain_heartbeats(job, execution)
+            except RedisError as error:
+                self.log.warning("heartbeat for job %s failed: %s", job.id, error)
+
+
+def run_worker(settings: Settings | None = None, *, burst: bool = False, name: str | None = None) -> int:
+    """Load the model, announce it, then take jobs until stopped (SIGTERM: finish the current job, then exit)."""
+    from backend import jobs
+
+    settings = settings or get_settings()
+    name = name or f"evf-{socket.gethostname()}-{os.getpid()}"
+    connection = redis_connection(settings, timeout=settings.worker_poll_seconds + 10)
+    try:
+        connection.ping()
+    except RedisError as error:
+        log.error("cannot reach Redis (%s): %s", settings.describe()["redis"], error)
+        return 1
+    runtime = jobs.get_runtime(settings)  # once, before the first job
+    publish_model_info(connection, settings, {**runtime.info(), "worker": name})
+
+    worker = EvfWorker(list(make_queues(settings, connection).values()), name=name, connection=connection,
+                       serializer=JSONSerializer, worker_ttl=settings.worker_poll_seconds + 15,
+                       maintenance_interval=settings.worker_maintenance_interval,
+                       default_result_ttl=settings.result_ttl)
+    worker.abandoned_after = settings.worker_abandoned_after
+    worker.heartbeat_interval = settings.worker_heartbeat_interval
+    log.info("worker %s serving %s with %s on %s", name, worker.queue_names(), runtime.model_name, runtime.device)
+    worker.work(burst=burst, logging_level=settings.log_level)
+    return 0
