@@ -171,3 +171,40 @@ def test_repo_id_offline_gives_clear_error(tmp_path: Path) -> None:
     assert run.returncode == 0, run.stderr
     assert run.stdout.startswith("ERR cannot fetch 'YxZhang/evf-sam2' from the Hugging Face Hub")
     assert "--local-dir" in run.stdout and "pass its path" in run.stdout
+
+
+@pytest.fixture(scope="module")
+def tiny_sam2(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "evf2-tiny", family="sam2", seed=0)
+
+
+def test_sam2_round_trip(tiny_sam2: Path, tmp_path: Path) -> None:
+    model = load_model(tiny_sam2)
+    assert (model.family, model.sam_image_size, model.is_multitask, model.generation) == ("sam2", 128, False, "legacy")
+    again = load_model(save_checkpoint(model, tmp_path / "copy"))
+    with torch.no_grad():
+        low, score = model(*_inputs(model))
+        low2, score2 = again(*_inputs(again))
+    assert torch.equal(low, low2) and torch.equal(score, score2)
+
+
+def test_sam2_layer_scale_loads_as_weight_or_gamma(tiny_sam2: Path, tmp_path: Path) -> None:
+    official = load_file(str(tiny_sam2 / "model.safetensors"))
+    assert "visual_model.memory_encoder.fuser.layers.1.weight" in official  # written under the official name
+
+    def to_gamma(state):
+        for i in (0, 1):
+            state[f"visual_model.memory_encoder.fuser.layers.{i}.gamma"] = state.pop(
+                f"visual_model.memory_encoder.fuser.layers.{i}.weight")
+
+    renamed = load_model(_edit(tiny_sam2, tmp_path, to_gamma))
+    gamma = renamed.visual_model.memory_encoder.fuser.layers[1].gamma
+    assert torch.equal(gamma, official["visual_model.memory_encoder.fuser.layers.1.weight"])
+
+    def both(state):
+        state["visual_model.memory_encoder.fuser.layers.0.gamma"] = state[
+            "visual_model.memory_encoder.fuser.layers.0.weight"].clone()
+
+    shutil.rmtree(tmp_path / "edited")
+    with pytest.raises(CheckpointError, match="appears twice"):
+        load_model(_edit(tiny_sam2, tmp_path, both))
