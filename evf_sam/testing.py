@@ -66,7 +66,7 @@ def train_tokenizer(out_dir: str | os.PathLike, corpus: Iterable[str], vocab_siz
     return out
 
 
-def tiny_config(family: str = "sam", vocab_size: int = 64) -> EvfConfig:
+def tiny_config(family: str = "sam", vocab_size: int = 128) -> EvfConfig:
     """The EvfConfig of a tiny model of `family` ("sam" | "sam2") with `vocab_size` text embedding rows."""
     if family not in ("sam", "sam2"):
         raise ValueError(f"family must be 'sam' or 'sam2', got {family!r}")
