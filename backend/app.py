@@ -24,6 +24,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from redis.exceptions import RedisError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from backend import metrics
@@ -66,6 +67,8 @@ def error_response(error: Exception) -> JSONResponse:
         status, code, message, field = _validation_error(error.errors())
     elif isinstance(error, ValidationError):
         status, code, message, field = _validation_error(error.errors())
+    elif isinstance(error, RedisError):
+        status, code, message, field = 503, "redis_unavailable", f"Redis is unavailable: {error}", None
     elif isinstance(error, StarletteHTTPException):
         status = error.status_code
         code = {404: "not_found", 405: "method_not_allowed"}.get(status, "http_error")
@@ -139,7 +142,7 @@ def create_app(settings: Settings | None = None, dispatcher: Dispatcher | None =
         metrics.REQUEST_SECONDS.labels(route=route).observe(time.perf_counter() - started)
         return response
 
-    for exception_type in (BackendError, RequestValidationError, StarletteHTTPException, Exception):
+    for exception_type in (BackendError, RequestValidationError, StarletteHTTPException, RedisError, Exception):
         app.add_exception_handler(exception_type, lambda request, error: error_response(error))
 
     @app.get("/health")
@@ -192,7 +195,8 @@ def create_app(settings: Settings | None = None, dispatcher: Dispatcher | None =
         try:
             event = json.loads(await request.body())
         except (json.JSONDecodeError, UnicodeDecodeError) as error:
-            raise BadRequest(f"request body is not valid JSON: {error}", field="body") from error
+            raise BadRequest(f"request body is not valid JSON: {error}", status=400, code="malformed_json",
+                             field="body") from error
         if not isinstance(event, dict) or not isinstance(event.get("action"), str):
             raise BadRequest("a webhook body is a JSON object with an 'action' string", field="action")
         project = event.get("project")

@@ -150,8 +150,7 @@ def _postprocess(mask: np.ndarray, options: dict[str, Any]) -> list[np.ndarray]:
     if min_area or fill_holes:
         mask = rle.clean_mask(mask, min_area=min_area, fill_holes_below=fill_holes)
     if options.get("mask_mode", "semantic") == "instances":
-        parts = sorted(rle.split_instances(mask, min_area=min_area), key=lambda part: -int(part.sum()))
-        return parts[: int(options.get("max_instances", 20))]
+        return rle.split_instances(mask, min_area=min_area, max_instances=int(options.get("max_instances", 20)))
     return [mask] if mask.any() else []
 
 

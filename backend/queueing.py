@@ -144,7 +144,7 @@ class EmbeddedDispatcher:
         for future in futures:
             if future not in done:
                 future.cancel()
-                outcomes.append(Outcome(error="timeout", message=f"no result within {timeout:.0f} s"))
+                outcomes.append(Outcome(error="timeout", message=f"no result within {timeout:.1f} s"))
             elif future.exception() is not None:
                 code, message = failure_reason(future.exception())
                 outcomes.append(Outcome(error=code, message=message))
@@ -333,7 +333,7 @@ class RedisDispatcher:
                 job.cancel()
         except (NoSuchJobError, RedisError) as error:
             log.warning("could not cancel job %s: %s", job.id, error)
-        return Outcome(error="timeout", message=f"no result within {waited:.0f} s")
+        return Outcome(error="timeout", message=f"no result within {waited:.1f} s")
 
     def stats(self) -> dict[str, Any]:
         try:
