@@ -10,6 +10,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from evf_sam.config import EvfConfig
+from evf_sam.errors import ImageError, PromptError
 from evf_sam.modeling.beit3 import BEiT3
 
 SEMANTIC_TOKEN = "[semantic]"
@@ -106,14 +107,32 @@ class EvfPreTrainedModel(PreTrainedModel):
         """True when the attached tokenizer knows the "[semantic]" token (the -multitask checkpoints)."""
         if self.tokenizer is None:
             return False
-        return SEMANTIC_TOKEN in self.tokenizer.get_vocab()
+        return self.tokenizer.convert_tokens_to_ids(SEMANTIC_TOKEN) != self.tokenizer.unk_token_id
 
     def encode_prompts(self, beit_pixels: torch.Tensor, input_ids: torch.Tensor,
                        attention_mask: torch.Tensor) -> torch.Tensor:
-        """[T,3,224,224], [T,L], [T,L] (1 = real token) -> prompt tokens [T,1,out_dim] (visual [CLS], projected)."""
-        dtype = self.text_hidden_fcs[0][0].weight.dtype
-        tokens = self.mm_extractor.beit3(beit_pixels.to(dtype), input_ids, attention_mask)
+        """[T,3,224,224], [T,L], [T,L] (1 = real token) -> prompt tokens [T,1,out_dim] (visual [CLS], projected).
+
+        Raises PromptError for texts longer than `max_text_tokens` and ImageError for a wrong image size.
+        """
+        weight = self.text_hidden_fcs[0][0].weight
+        size = self.beit_image_size
+        if beit_pixels.ndim != 4 or tuple(beit_pixels.shape[1:]) != (3, size, size):
+            raise ImageError(f"BEiT-3 input must be [T,3,{size},{size}], got {list(beit_pixels.shape)}")
+        if input_ids.shape[-1] > self.max_text_tokens:
+            raise PromptError(f"prompt of {input_ids.shape[-1]} tokens exceeds the model's limit of "
+                              f"{self.max_text_tokens} tokens (including <s> and </s>)")
+        if input_ids.shape[0] != beit_pixels.shape[0] or attention_mask.shape != input_ids.shape:
+            raise PromptError(f"shapes disagree: beit_pixels {list(beit_pixels.shape)}, input_ids "
+                              f"{list(input_ids.shape)}, attention_mask {list(attention_mask.shape)}")
+        tokens = self.mm_extractor.beit3(beit_pixels.to(device=weight.device, dtype=weight.dtype),
+                                         input_ids.to(weight.device), attention_mask.to(weight.device))
         return self.text_hidden_fcs[0](tokens[:, :1])
+
+    def _check_sam_input(self, pixel_values: torch.Tensor) -> None:
+        size = self.sam_image_size
+        if pixel_values.ndim != 4 or tuple(pixel_values.shape[1:]) != (3, size, size):
+            raise ImageError(f"SAM input must be [B,3,{size},{size}], got {list(pixel_values.shape)}")
 
     def encode_images(self, pixel_values: torch.Tensor) -> ImageFeatures:
         """Normalised SAM input [B,3,S,S] -> ImageFeatures."""
@@ -136,11 +155,12 @@ class EvfPreTrainedModel(PreTrainedModel):
         """SAM's random-Fourier positional encoding of the embedding grid [1,C,h,w], computed in fp32, cast to dtype."""
         gaussian = pe_layer.positional_encoding_gaussian_matrix.float()
         h, w = size
-        ys = (torch.arange(h, device=gaussian.device, dtype=torch.float32) + 0.5) / h
-        xs = (torch.arange(w, device=gaussian.device, dtype=torch.float32) + 0.5) / w
-        grid = torch.stack(torch.broadcast_tensors(xs[None, :], ys[:, None]), dim=-1)
-        angles = 2 * torch.pi * ((2 * grid - 1) @ gaussian)
-        pe = torch.cat([angles.sin(), angles.cos()], dim=-1)
+        with torch.autocast(gaussian.device.type, enabled=False):
+            ys = (torch.arange(h, device=gaussian.device, dtype=torch.float32) + 0.5) / h
+            xs = (torch.arange(w, device=gaussian.device, dtype=torch.float32) + 0.5) / w
+            grid = torch.stack(torch.broadcast_tensors(xs[None, :], ys[:, None]), dim=-1)
+            angles = 2 * torch.pi * ((2 * grid - 1) @ gaussian)
+            pe = torch.cat([angles.sin(), angles.cos()], dim=-1)
         return pe.permute(2, 0, 1).unsqueeze(0).to(dtype)
 
     def _apply(self, fn: Any, recurse: bool = True) -> EvfPreTrainedModel:

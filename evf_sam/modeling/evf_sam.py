@@ -56,8 +56,9 @@ class EvfSamModel(EvfPreTrainedModel):
 
     def encode_images(self, pixel_values: torch.Tensor) -> ImageFeatures:
         """Normalised, padded SAM input [B,3,S,S] -> embeddings [B,C,S/16,S/16]."""
-        encoder = self.visual_model.image_encoder
-        return ImageFeatures(encoder(pixel_values.to(encoder.patch_embed.proj.weight.dtype)))
+        self._check_sam_input(pixel_values)
+        weight = self.visual_model.image_encoder.patch_embed.proj.weight
+        return ImageFeatures(self.visual_model.image_encoder(pixel_values.to(device=weight.device, dtype=weight.dtype)))
 
     def decode_masks(self, features: ImageFeatures, prompt_tokens: torch.Tensor,
                      image_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -73,8 +74,8 @@ class EvfSamModel(EvfPreTrainedModel):
         pos = self.dense_positional_encoding(self.visual_model.prompt_encoder.pe_layer, (h, w), dtype)
 
         output_tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight]).to(dtype)
-        tokens = torch.cat([output_tokens.unsqueeze(0).expand(t, -1, -1), prompt_tokens.to(dtype)], dim=1)
-        hs, src = decoder.transformer(image + no_mask, pos.expand(t, -1, -1, -1), tokens)
+        tokens = torch.cat([output_tokens.unsqueeze(0).expand(t, -1, -1), prompt_tokens.to(device=image.device, dtype=dtype)], dim=1)
+        hs, src = decoder.transformer(image + no_mask, pos, tokens)  # pos broadcasts over prompts
         upscaled = decoder.output_upscaling(src.transpose(1, 2).reshape(t, c, h, w))
         mask_token = hs[:, 1]  # token 0 of the mask tokens = the single-mask output
         weights = decoder.output_hypernetworks_mlps[0](mask_token)

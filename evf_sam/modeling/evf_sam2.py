@@ -101,9 +101,11 @@ class EvfSam2Model(EvfPreTrainedModel):
 
     def encode_images(self, pixel_values: torch.Tensor) -> ImageFeatures:
         """Normalised SAM input [B,3,S,S] -> embeddings [B,C,S/16,S/16] (+ no_mem_embed) and the two skip maps."""
+        self._check_sam_input(pixel_values)
         model = self.visual_model
-        dtype = model.image_encoder.trunk.patch_embed.proj.weight.dtype
-        levels = model.forward_image(pixel_values.to(dtype))["backbone_fpn"][-model.num_feature_levels:]
+        weight = model.image_encoder.trunk.patch_embed.proj.weight
+        levels = model.forward_image(pixel_values.to(device=weight.device, dtype=weight.dtype))["backbone_fpn"]
+        levels = levels[-model.num_feature_levels:]
         embeddings = levels[-1] + model.no_mem_embed.reshape(1, -1, 1, 1)
         return ImageFeatures(embeddings, tuple(levels[:-1]))
 
@@ -120,7 +122,7 @@ class EvfSam2Model(EvfPreTrainedModel):
         pos = self.dense_positional_encoding(prompt.pe_layer, (h, w), dtype)
         multimask = self.generation == "head"
         masks, iou, _, _ = model.sam_mask_decoder(
-            image_embeddings=image, image_pe=pos, sparse_prompt_embeddings=prompt_tokens.to(dtype),
+            image_embeddings=image, image_pe=pos, sparse_prompt_embeddings=prompt_tokens.to(device=image.device, dtype=dtype),
             dense_prompt_embeddings=dense, multimask_output=multimask, repeat_image=False,
             high_res_features=list(selected.high_res))
         if multimask:

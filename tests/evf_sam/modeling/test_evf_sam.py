@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from evf_sam.errors import ImageError, PromptError
 from evf_sam.modeling import ImageFeatures
 from evf_sam.modeling.evf_sam import EvfSamModel
 from evf_sam.testing import tiny_config
@@ -78,3 +79,16 @@ def test_image_features_select_cat_to() -> None:
     joined = ImageFeatures.cat([features, picked])
     assert len(joined) == 6 and joined.high_res[0].shape == (6, 2, 1, 1)
     assert joined.to(dtype=torch.float16).embeddings.dtype == torch.float16
+
+
+def test_bad_inputs_raise_clear_errors(model: EvfSamModel) -> None:
+    ids = torch.zeros(1, 3, dtype=torch.long)
+    with pytest.raises(ImageError, match=r"SAM input must be \[B,3,128,128\], got \[1, 3, 64, 64\]"):
+        model.encode_images(torch.zeros(1, 3, 64, 64))
+    with pytest.raises(ImageError, match=r"BEiT-3 input must be \[T,3,224,224\]"):
+        model.encode_prompts(torch.zeros(1, 3, 100, 100), ids, torch.ones_like(ids))
+    too_long = torch.zeros(1, model.max_text_tokens + 1, dtype=torch.long)
+    with pytest.raises(PromptError, match=f"exceeds the model's limit of {model.max_text_tokens} tokens"):
+        model.encode_prompts(torch.zeros(1, 3, 224, 224), too_long, torch.ones_like(too_long))
+    with pytest.raises(PromptError, match="shapes disagree"):
+        model.encode_prompts(torch.zeros(2, 3, 224, 224), ids, torch.ones_like(ids))
