@@ -81,10 +81,10 @@ class Settings(BaseSettings):
         5.0, gt=0, validation_alias="WORKER_HEARTBEAT_INTERVAL",
         description="Seconds between a busy worker's heartbeats.")
     worker_abandoned_after: int = Field(
-        30, ge=2, validation_alias="WORKER_ABANDONED_AFTER",
+        20, ge=2, validation_alias="WORKER_ABANDONED_AFTER",
         description="A running job whose worker sent no heartbeat for this long is retried by another worker.")
     worker_maintenance_interval: int = Field(
-        15, ge=1, validation_alias="WORKER_MAINTENANCE_INTERVAL",
+        10, ge=1, validation_alias="WORKER_MAINTENANCE_INTERVAL",
         description="Seconds between a worker's checks for abandoned jobs.")
     worker_poll_seconds: int = Field(5, ge=1, validation_alias="WORKER_POLL_SECONDS",
                                      description="Longest an idle worker blocks on Redis before its maintenance.")
@@ -145,6 +145,9 @@ class Settings(BaseSettings):
     def _check_auth_pair(self) -> Settings:
         if bool(self.basic_auth_user) != bool(self.basic_auth_pass):
             raise ValueError("set both BASIC_AUTH_USER and BASIC_AUTH_PASS, or neither")
+        if self.worker_heartbeat_interval * 2 > self.worker_abandoned_after:
+            raise ValueError("WORKER_HEARTBEAT_INTERVAL must be at most half of WORKER_ABANDONED_AFTER, or busy "
+                             "workers would look dead")
         return self
 
     @property

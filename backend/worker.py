@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 class EvfWorker(SimpleWorker):
     """A non-forking RQ worker whose running jobs are declared abandoned soon after the worker dies."""
 
-    abandoned_after = 30
+    abandoned_after = 20
     heartbeat_interval = 5.0
 
     def get_heartbeat_ttl(self, job: Job, working_time: float = 0.0) -> int:
