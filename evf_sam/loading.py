@@ -118,12 +118,13 @@ def weight_files(directory: Path) -> list[Path]:
     raise CheckpointError(f"no weights in {directory}: expected one of {', '.join(WEIGHT_FILES)}")
 
 
-def _read_tensors(path: Path, device: torch.device) -> Iterator[tuple[str, torch.Tensor]]:
+def _read_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """Tensors of one weight file; they may be views of a memory-mapped file (copy them before keeping them)."""
     try:
         if path.suffix == ".safetensors":
             from safetensors import safe_open
 
-            with safe_open(str(path), framework="pt", device=str(device)) as f:
+            with safe_open(str(path), framework="pt", device="cpu") as f:
                 for key in f.keys():
                     yield key, f.get_tensor(key)
         else:
@@ -151,13 +152,13 @@ def read_state_dict(directory: Path, device: torch.device, dtype: torch.dtype,
     """All tensors of a checkpoint under our key names, each cast to `dtype` (`keep_fp32` keys: float32)."""
     state: dict[str, torch.Tensor] = {}
     for path in weight_files(directory):
-        for key, tensor in _read_tensors(path, device):
+        for key, tensor in _read_tensors(path):
             key = to_model_key(key)
             if key in state:
                 raise CheckpointError(f"{key!r} appears twice in {directory} (as 'gamma' and 'weight'?)")
-            if tensor.is_floating_point():
-                tensor = tensor.to(device=device, dtype=torch.float32 if key in keep_fp32 else dtype)
-            state[key] = tensor.to(device)
+            target = (torch.float32 if key in keep_fp32 else dtype) if tensor.is_floating_point() else tensor.dtype
+            # copy=True: never keep views of the mapped file (it may be overwritten later, e.g. by save_checkpoint)
+            state[key] = tensor.to(device=device, dtype=target, copy=True)
     return state
 
 
