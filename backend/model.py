@@ -7,7 +7,6 @@ Shaped like label-studio-ml's `LabelStudioMLBase` (`setup`, `predict(tasks, cont
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import threading
@@ -76,18 +75,6 @@ class MaskOptions:
                 raise BadRequest(f"{name} must be a non-negative integer", field=f"extra_params.{name}")
             values[name] = value
         return cls(**values)
-
-
-def prompt_set_hash(config: ls_config.LabelConfig, extra_params: dict[str, Any] | None, options: MaskOptions) -> str:
-    """Hash of everything, besides the model, that decides a project's masks: targets, labels, per-label prompts,
-    extra_params and mask options. Per-task prompts are task data and do not enter it."""
-    targets = [{"from_name": t.from_name, "to_name": t.to_name, "value_key": t.value_key,
-                "control_type": t.control_type, "labels": list(t.labels),
-                "label_prompts": {k: list(v) for k, v in sorted(t.label_prompts.items())}}
-               for t in config.targets]
-    blob = json.dumps({"targets": targets, "extra_params": extra_params or {}, "options": asdict(options)},
-                      sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()
 
 
 class ProjectStore:
@@ -242,7 +229,9 @@ class EvfSamBackend:
         return MaskOptions.resolve(self.settings, self.extra_params)
 
     def _prompt_hash(self) -> str:
-        return prompt_set_hash(self.parsed_config, self.extra_params, self.mask_options())
+        """The prompt-set hash: targets, labels, per-label prompts, extra_params and mask options."""
+        return prompts.prompt_set_hash(self.parsed_config.targets, self.extra_params,
+                                       mask_options=asdict(self.mask_options()))
 
     def _payload(self, index: int, task: dict[str, Any], context: dict[str, Any] | None, prompt_hash: str,
                  hostname: str | None) -> dict[str, Any]:
@@ -257,13 +246,10 @@ class EvfSamBackend:
                 raise BadRequest(f"task {task.get('id')} has no image URL in data.{target.value_key}",
                                  field=f"tasks[{index}].data.{target.value_key}")
             requests = prompts.resolve(task, target, context=context, extra_params=self.extra_params,
-                                       prompt_field=self.settings.prompt_field)
+                                       prompt_field=self.settings.prompt_field,
+                                       max_length=self.settings.max_prompt_length)
             group = groups.setdefault(url, {"url": url, "to_name": target.to_name, "requests": []})
             for request in requests:
-                if len(request.prompt) > self.settings.max_prompt_length:
-                    raise PromptError(f"prompt of {len(request.prompt)} characters is longer than "
-                                      f"MAX_PROMPT_LENGTH={self.settings.max_prompt_length}",
-                                      field=f"tasks[{index}].prompt")
                 group["requests"].append({"from_name": target.from_name, "type": target.control_type,
                                           "label": request.label, "prompt": request.prompt})
                 count += 1
