@@ -146,6 +146,9 @@ class EvfSamBackend:
     def setup(self, extra_params: dict[str, Any] | None = None, hostname: str | None = None) -> str:
         """Validate the label config, remember the project's extra_params/hostname; returns the model_version."""
         self.extra_params = extra_params or {}
+        for target in self.parsed_config.targets:  # per-label prompts naming unknown labels fail here, not per task
+            prompts.resolve({"data": {}}, target, extra_params=self.extra_params,
+                            max_length=self.settings.max_prompt_length)
         version = self.model_version  # validates config and extra_params before anything is stored
         self.store.update(self.project_id, label_config=self.label_config, extra_params=self.extra_params,
                           hostname=hostname)

@@ -68,3 +68,9 @@ def test_project_store_round_trip(use_redis, redis_db):
     store.add_version("a-1")
     store.add_version("b-1")
     assert store.versions() == ["a-1", "b-1"]
+
+
+def test_setup_rejects_prompts_for_unknown_labels():
+    with pytest.raises(BackendError) as error:
+        version(extra_params={"prompts": {"Dog": "a dog"}})
+    assert error.value.status == 422 and error.value.field == "extra_params.prompts.Dog"
