@@ -47,17 +47,17 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--name", help="worker name (default: evf-<host>-<pid>)")
 
     for name in ("prelabel", "corrections"):
-        later = commands.add_parser(name, help="not available yet", add_help=False)
-        later.add_argument("rest", nargs=argparse.REMAINDER)
+        commands.add_parser(name, help="not available yet", add_help=False)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the process exit status."""
-    args = build_parser().parse_args(argv)
-    if args.command in ("prelabel", "corrections"):
-        print(f"python -m backend {args.command}: not available yet", file=sys.stderr)
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in ("prelabel", "corrections"):
+        print(f"python -m backend {argv[0]}: not available yet", file=sys.stderr)
         return 2
+    args = build_parser().parse_args(argv)
     try:
         settings = Settings()
     except ValidationError as error:

@@ -1,0 +1,36 @@
+"""`python -m backend`: help, configuration errors and not-yet-available commands answer clearly."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from tests.backend.conftest import REPO
+
+
+def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "backend", *args], cwd=REPO, capture_output=True, text=True,
+                          env=env, timeout=60)
+
+
+def test_help_lists_commands_and_environment():
+    result = run("--help")
+    assert result.returncode == 0
+    for text in ("serve", "worker", "REDIS_URL", "PREDICT_TIMEOUT", "BASIC_AUTH_USER"):
+        assert text in result.stdout
+
+
+def test_worker_without_redis_explains_itself(base_env):
+    result = run("worker", env=base_env)
+    assert result.returncode == 2 and "REDIS_URL" in result.stderr
+
+
+def test_invalid_configuration_is_reported_without_a_traceback(base_env):
+    result = run("serve", env={**base_env, "PREDICT_TIMEOUT": "500"})
+    assert result.returncode == 2
+    assert "PREDICT_TIMEOUT" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_later_commands_say_they_are_not_available_yet():
+    result = run("prelabel", "--project", "3")
+    assert result.returncode == 2 and "not available yet" in result.stderr
