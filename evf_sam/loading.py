@@ -26,10 +26,12 @@ from evf_sam.modeling.common import EvfPreTrainedModel
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "float": torch.float32,
           "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
           "fp16": torch.float16, "float16": torch.float16, "half": torch.float16}
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json",
+                "pytorch_model.bin", "pytorch_model.bin.index.json")
 TOKENIZER_FILES = ("sentencepiece.bpe.model", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json")
-HUB_PATTERNS = ["config.json", "*.safetensors", "*.safetensors.index.json", "*.bin", "*.bin.index.json",
-                *TOKENIZER_FILES]
+HUB_PATTERNS = ["config.json", *TOKENIZER_FILES]
+SAFETENSORS_PATTERNS = ["*.safetensors", "*.safetensors.index.json"]
+BIN_PATTERNS = ["*.bin", "*.bin.index.json"]
 # The EVF code stores SAM-2's layer-scale parameters as `weight` (transformers 4.x renamed every `gamma`); the
 # `sam2` package calls them `gamma`. Files may use either; we write the official name.
 _FILE_GAMMA = re.compile(r"^(visual_model\.memory_encoder\.fuser\.layers\.\d+)\.weight$")
@@ -59,12 +61,14 @@ def resolve_checkpoint(path_or_repo: str | os.PathLike) -> tuple[Path, str]:
                               f"and model weights, or a Hugging Face repo id such as 'YxZhang/evf-sam2')")
     from huggingface_hub import snapshot_download
 
-    try:
-        directory = snapshot_download(text, allow_patterns=HUB_PATTERNS)
+    try:  # safetensors first; the .bin files only when the repo has no safetensors weights
+        directory = Path(snapshot_download(text, allow_patterns=HUB_PATTERNS + SAFETENSORS_PATTERNS))
+        if not any((directory / name).is_file() for name in WEIGHT_FILES):
+            directory = Path(snapshot_download(text, allow_patterns=HUB_PATTERNS + BIN_PATTERNS))
     except Exception as error:  # noqa: BLE001 - any hub failure becomes one clear message
+        reason = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else 'no details'}"
         raise CheckpointError(
-            f"cannot fetch {text!r} from the Hugging Face Hub and no cached copy exists "
-            f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else 'no details'}). "
+            f"{text!r} is not a local directory, and fetching it as a Hugging Face repo id failed ({reason}). "
             f"If this machine is offline or the repo is private, download it elsewhere with "
             f"`huggingface-cli download {text} --local-dir DIR`, copy DIR here and pass its path instead.") from error
     return Path(directory), text.rsplit("/", 1)[-1]
@@ -247,7 +251,9 @@ def save_checkpoint(model: EvfPreTrainedModel, out_dir: str | os.PathLike,
     source = Path(tokenizer_dir) if tokenizer_dir else None
     if source is None and model.tokenizer is not None:
         source = Path(model.tokenizer.name_or_path)
-    if source is None or not (source / "sentencepiece.bpe.model").is_file():
+    if source is None:
+        raise CheckpointError("cannot save the tokenizer: the model has none attached; pass tokenizer_dir")
+    if not (source / "sentencepiece.bpe.model").is_file():
         raise CheckpointError(f"cannot save the tokenizer: no sentencepiece.bpe.model in {source}")
     config = model.config
     config.architectures = [type(model).__name__]

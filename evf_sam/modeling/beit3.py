@@ -25,10 +25,6 @@ class Multiway(nn.Module):
         self.B = make(*args)
 
     def forward(self, x: torch.Tensor, split: int) -> torch.Tensor:
-        if split >= x.shape[1]:
-            return self.A(x)
-        if split <= 0:
-            return self.B(x)
         return torch.cat([self.A(x[:, :split]), self.B(x[:, split:])], dim=1)
 
 

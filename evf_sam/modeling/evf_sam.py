@@ -74,7 +74,8 @@ class EvfSamModel(EvfPreTrainedModel):
         pos = self.dense_positional_encoding(self.visual_model.prompt_encoder.pe_layer, (h, w), dtype)
 
         output_tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight]).to(dtype)
-        tokens = torch.cat([output_tokens.unsqueeze(0).expand(t, -1, -1), prompt_tokens.to(device=image.device, dtype=dtype)], dim=1)
+        prompt_tokens = prompt_tokens.to(device=image.device, dtype=dtype)
+        tokens = torch.cat([output_tokens.unsqueeze(0).expand(t, -1, -1), prompt_tokens], dim=1)
         hs, src = decoder.transformer(image + no_mask, pos, tokens)  # pos broadcasts over prompts
         upscaled = decoder.output_upscaling(src.transpose(1, 2).reshape(t, c, h, w))
         mask_token = hs[:, 1]  # token 0 of the mask tokens = the single-mask output

@@ -122,7 +122,8 @@ class EvfSam2Model(EvfPreTrainedModel):
         pos = self.dense_positional_encoding(prompt.pe_layer, (h, w), dtype)
         multimask = self.generation == "head"
         masks, iou, _, _ = model.sam_mask_decoder(
-            image_embeddings=image, image_pe=pos, sparse_prompt_embeddings=prompt_tokens.to(device=image.device, dtype=dtype),
+            image_embeddings=image, image_pe=pos,
+            sparse_prompt_embeddings=prompt_tokens.to(device=image.device, dtype=dtype),
             dense_prompt_embeddings=dense, multimask_output=multimask, repeat_image=False,
             high_res_features=list(selected.high_res))
         if multimask:

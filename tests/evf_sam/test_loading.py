@@ -169,7 +169,7 @@ def test_repo_id_offline_gives_clear_error(tmp_path: Path) -> None:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "PYTHONPATH": str(REPO_ROOT)}
     run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
-    assert run.stdout.startswith("ERR cannot fetch 'YxZhang/evf-sam2' from the Hugging Face Hub")
+    assert run.stdout.startswith("ERR 'YxZhang/evf-sam2' is not a local directory, and fetching it as a Hugging Face")
     assert "--local-dir" in run.stdout and "pass its path" in run.stdout
 
 
@@ -208,3 +208,11 @@ def test_sam2_layer_scale_loads_as_weight_or_gamma(tiny_sam2: Path, tmp_path: Pa
     shutil.rmtree(tmp_path / "edited")
     with pytest.raises(CheckpointError, match="appears twice"):
         load_model(_edit(tiny_sam2, tmp_path, both))
+
+
+def test_save_needs_a_tokenizer(tmp_path: Path) -> None:
+    from evf_sam.modeling.evf_sam import EvfSamModel
+    from evf_sam.testing import tiny_config
+
+    with pytest.raises(CheckpointError, match="the model has none attached; pass tokenizer_dir"):
+        save_checkpoint(EvfSamModel(tiny_config("sam")), tmp_path / "out")
