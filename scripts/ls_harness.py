@@ -270,6 +270,10 @@ class LabelStudioClient:
         return self.call("POST", "/api/dm/actions", params={"id": "retrieve_tasks_predictions", "project": project},
                          json={"selectedItems": selected})
 
+    def create_prediction(self, task: int, result: list[dict], *, score: float, model_version: str) -> dict:
+        return self.call("POST", "/api/predictions", json={"task": task, "result": result, "score": score,
+                                                           "model_version": model_version})
+
     def predictions(self, task: int) -> list[dict]:
         return self.call("GET", "/api/predictions", params={"task": task})
 
@@ -306,3 +310,40 @@ def personal_access_token(url: str, credentials: Credentials, store: Path) -> st
     token = response.json()["token"]
     store.write_text(token)
     return token
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One sample image with a ground-truth mask and a prompt per label."""
+
+    image: Path
+    masks: dict[str, Any]  # label -> bool np.ndarray (H, W)
+    prompts: dict[str, str]  # label -> prompt
+
+
+def make_samples(out_dir: Path, count: int = 4, size: tuple[int, int] = (160, 120)) -> list[Sample]:
+    """Draw `count` PNGs of a white circle and a grey square on black, with their masks."""
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    width, height = size
+    samples = []
+    for index in range(count):
+        rng = np.random.default_rng(index)
+        canvas = Image.new("L", size, 0)
+        draw = ImageDraw.Draw(canvas)
+        radius = int(rng.integers(15, 25))
+        cx, cy = int(rng.integers(radius + 2, width // 2 - 2)), int(rng.integers(radius + 2, height - radius - 2))
+        side = int(rng.integers(25, 40))
+        sx, sy = int(rng.integers(width // 2 + 2, width - side - 2)), int(rng.integers(2, height - side - 2))
+        circle, square = Image.new("L", size, 0), Image.new("L", size, 0)
+        ImageDraw.Draw(circle).ellipse((cx - radius, cy - radius, cx + radius, cy + radius), fill=255)
+        ImageDraw.Draw(square).rectangle((sx, sy, sx + side - 1, sy + side - 1), fill=255)
+        draw.bitmap((0, 0), circle, fill=235)
+        draw.bitmap((0, 0), square, fill=140)
+        path = out_dir / f"sample_{index:02d}.png"
+        canvas.convert("RGB").save(path)
+        samples.append(Sample(path, {"Circle": np.asarray(circle) > 0, "Square": np.asarray(square) > 0},
+                              {"Circle": "the white circle", "Square": "the grey square"}))
+    return samples

@@ -12,7 +12,11 @@ if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$VERSION" ] && [ -x "$VENV/bin/labe
 fi
 echo "ls_install: installing label-studio==$VERSION into $VENV (about 100 s, 1 GB)" >&2
 [ -x "$VENV/bin/python" ] || "${PYTHON:-python3}" -m venv "$VENV"
-"$VENV/bin/pip" install -q -U pip >&2
-"$VENV/bin/pip" install -q "label-studio==$VERSION" >&2
+log="$VENV/install.log"
+if ! { "$VENV/bin/pip" install -U pip && "$VENV/bin/pip" install "label-studio==$VERSION"; } >"$log" 2>&1; then
+    tail -40 "$log" >&2
+    echo "ls_install: failed; full log in $log" >&2
+    exit 1
+fi
 echo "$VERSION" > "$stamp"
 echo "$VENV"
