@@ -15,7 +15,6 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from contextlib import asynccontextmanager
-from functools import partial
 from typing import Any, TypeVar
 
 import anyio
@@ -167,9 +166,12 @@ def create_app(settings: Settings | None = None, dispatcher: Dispatcher | None =
                 raise BadRequest(f"extra_params is not valid JSON: {error}", field="extra_params") from error
             if extra is not None and not isinstance(extra, dict):
                 raise BadRequest("extra_params must be a JSON object", field="extra_params")
-        backend = backend_for(request, body.project, body.label_config)
-        version = await blocking(partial(backend.setup, extra_params=extra, hostname=body.hostname), control_slots)
-        return {"model_version": version}
+
+        def run() -> str:
+            backend = backend_for(request, body.project, body.label_config)
+            return backend.setup(extra_params=extra, hostname=body.hostname)
+
+        return {"model_version": await blocking(run, control_slots)}
 
     @app.post("/predict")
     async def predict(body: PredictRequest, request: Request) -> dict[str, Any]:
