@@ -74,11 +74,14 @@ def _pack(lengths: np.ndarray, values: np.ndarray, n_words: int) -> list[int]:
     else:
         forced_long = None
     cls = np.searchsorted(np.array([8, 16, 256]), lengths)  # 0: ≤8, 1: ≤16, 2: ≤256, 3: longer
+    repeat = lengths > 1
     if forced_long is not None:
-        cls[forced_long] = 3  # the SDK writes the rest of a split run with a 16-bit count even when it is short
+        # The SDK writes the rest of a split run as a repeat with a 16-bit count, even when it is short.
+        cls[forced_long] = 3
+        repeat |= forced_long
     count_bits = np.array(_RUN_SIZES, np.uint64)[cls]
     width = count_bits + np.uint64(3 + _WORD_BITS)
-    flag = (lengths > 1).astype(np.uint64)
+    flag = repeat.astype(np.uint64)
     field = ((flag << (width - np.uint64(1))) | (cls.astype(np.uint64) << (width - np.uint64(3)))
              | ((lengths - 1).astype(np.uint64) << np.uint64(_WORD_BITS)) | values.astype(np.uint64))
 

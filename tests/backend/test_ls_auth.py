@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
@@ -70,6 +71,14 @@ def test_invalidate_forces_a_new_access_token() -> None:
         first = auth.headers_for(ls.url)
         auth.invalidate()
         assert auth.headers_for(ls.url) != first and ls.refreshes == 2
+
+
+def test_concurrent_callers_share_one_refresh() -> None:
+    with serve(FakeLabelStudio()) as ls:
+        auth = LabelStudioAuth(ls.url, ls.make_pat())
+        with ThreadPoolExecutor(8) as pool:
+            headers = list(pool.map(lambda _: auth.headers_for(ls.url), range(16)))
+        assert len({h["Authorization"] for h in headers}) == 1 and ls.refreshes == 1
 
 
 def test_refused_pat_is_an_auth_error() -> None:

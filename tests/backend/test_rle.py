@@ -103,6 +103,13 @@ def test_hypothesis_matches_sdk_and_round_trips(mask: np.ndarray) -> None:
     assert np.array_equal(rle.decode(stream, *mask.shape), mask > 0)
 
 
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from([0, 1, 7, 255]), st.integers(1, 70_000)), min_size=1, max_size=30))
+def test_hypothesis_word_runs_match_sdk_encode_rle(runs: list[tuple[int, int]]) -> None:
+    words = np.repeat([v for v, _ in runs], [n if i % 3 == 0 else n % 300 + 1 for i, (_, n) in enumerate(runs)])
+    assert rle.encode_words(words) == encode_rle(words.astype(int))
+
+
 @settings(max_examples=100, deadline=None)
 @given(st.lists(st.integers(0, 255), min_size=1, max_size=3000))
 def test_hypothesis_literal_chunks_decode(words: list[int]) -> None:
