@@ -32,7 +32,8 @@ class BackendError(Exception):
         return {"error": self.code, "message": self.message, "field": self.field}
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.message!r}, status={self.status}, code={self.code!r}, field={self.field!r})"
+        return (f"{type(self).__name__}({self.message!r}, status={self.status}, code={self.code!r}, "
+                f"field={self.field!r})")
 
 
 class BadRequest(BackendError):

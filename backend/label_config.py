@@ -50,7 +50,7 @@ class LabelConfig:
     targets: list[BrushTarget]
 
     def target(self, from_name: str, to_name: str | None = None) -> BrushTarget:
-        """The target of control `from_name` (and image `to_name`, needed when it draws on several); KeyError if none."""
+        """The target of control `from_name` (and image `to_name` when it draws on several); KeyError if none."""
         for target in self.targets:
             if target.from_name == from_name and (to_name is None or target.to_name == to_name):
                 return target

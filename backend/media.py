@@ -4,7 +4,7 @@ URL forms (reference label_studio.md §4.2, §10):
 - `/data/local-files/?d=<rel>`: read from `local_files_root` when set (the path must stay inside it), else downloaded
   from LS with credentials.
 - any other relative path (`/data/upload/1/a.png`, `/storage-data/...`): downloaded from `{LS}<path>` with credentials.
-- `http(s)://…`: the LS origin (with credentials) or a host in `allowed_hosts` (without); anything else is refused (403).
+- `http(s)://…`: the LS origin (with credentials) or a host in `allowed_hosts` (without); others are refused (403).
   `allowed_hosts` entries: "host" (any port), "host:port", or "*.example.com" (that domain and its subdomains).
 - `s3://`, `gs://`, `azure-blob://`: presigned by LS at `GET {LS}/tasks/{task_id}/presign/?fileuri=<urlsafe b64>`,
   which redirects to the storage. That first hop, chosen by LS, is allowed without allow-listing the storage host.
@@ -167,7 +167,8 @@ class ImageFetcher:
                 raise MediaError(f"downloading {_short(url)} timed out after {self.timeout:g} s", status=502,
                                  code="media_timeout", field="url") from None
             except httpx.HTTPError as error:
-                raise MediaError(f"cannot download {_short(url)}: {type(error).__name__}: {error}", status=502,
+                detail = str(error).replace(url, _short(url))  # keep presigned signatures out of the message
+                raise MediaError(f"cannot download {_short(url)}: {type(error).__name__}: {detail}", status=502,
                                  code="media_unreachable", field="url") from None
             if location is None:  # an expired access token: refresh once and retry
                 self.auth.invalidate()  # type: ignore[union-attr]

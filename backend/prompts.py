@@ -3,7 +3,8 @@
 First rule that yields anything wins, per task and target:
 
 1. "context": text of an interactive `<TextArea>` submit bound to the target's image
-   (`params.context.result[] = {"type": "textarea", "from_name", "to_name", "value": {"text": [..]}}`), one prompt per line.
+   (`params.context.result[] = {"type": "textarea", "from_name", "to_name", "value": {"text": [..]}}`),
+   one prompt per line.
 2. "task": the task data field `prompt_field` (default "prompt"): a string, a list of strings, or a
    `{label: prompt | [prompts]}` mapping.
 3./4. per label: "extra_params" prompts (`{"prompts": {label: prompt | [..]}}` from /setup; a nested
@@ -114,7 +115,8 @@ class _Resolver:
                 found.extend(overrides[label])
             elif label in self.target.label_prompts:
                 where = f"label_config <Label value={label!r}>"
-                found.extend(PromptRequest(self._text(p, where), label, "config") for p in self.target.label_prompts[label])
+                found.extend(PromptRequest(self._text(prompt, where), label, "config")
+                             for prompt in self.target.label_prompts[label])
             else:
                 found.append(PromptRequest(self._text(" ".join(label.replace("_", " ").split()).lower(),
                                                       f"label {label!r}"), label, "label"))

@@ -51,7 +51,8 @@ def compare(name: str, mask: np.ndarray, repeat: int, sdk_repeat: int) -> float:
     ours_s, ours = best_time(lambda: rle.encode(mask), repeat)
     sdk_s, theirs = best_time(lambda: mask2rle(as_uint8), sdk_repeat)
     ratio = sdk_s / ours_s
-    print(f"{name:>6} {mask.shape[0]}x{mask.shape[1]}: ours {ours_s * 1000:9.1f} ms | sdk mask2rle {sdk_s * 1000:9.1f} ms"
+    print(f"{name:>6} {mask.shape[0]}x{mask.shape[1]}: ours {ours_s * 1000:9.1f} ms | "
+          f"sdk mask2rle {sdk_s * 1000:9.1f} ms"
           f" | speed-up {ratio:6.1f}x | {len(ours):>10,} bytes | identical: {ours == theirs}")
     return ratio
 

@@ -111,7 +111,8 @@ class FakeLabelStudio(Server):
 
     def make_pat(self, **claims: Any) -> str:
         now = int(time.time())
-        payload = {"token_type": "refresh", "exp": now + 86400 * 365, "iat": now, "jti": "pat-1", "user_id": 1, **claims}
+        payload = {"token_type": "refresh", "exp": now + 86400 * 365, "iat": now, "jti": "pat-1", "user_id": 1,
+                   **claims}
         return jwt.encode(payload, self.SECRET, algorithm="HS256")
 
     def _refresh(self, request: Request) -> Reply:
@@ -143,7 +144,7 @@ class FakeLabelStudio(Server):
         """Serve `reply` at `path` only to authorized requests (401 otherwise)."""
         def handler(request: Request) -> Reply:
             if not self.authorized(request):
-                return 401, {"Content-Type": "application/json"}, b'{"detail": "Authentication credentials were not provided."}'
+                return 401, {"Content-Type": "application/json"}, b'{"detail": "Authentication required."}'
             return reply(request) if callable(reply) else reply
         self.routes[path] = handler
 

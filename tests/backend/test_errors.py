@@ -25,5 +25,6 @@ def test_overrides_body_and_pickle() -> None:
     assert error.to_dict() == {"error": "media_forbidden", "message": "host not allowed", "field": "data.image"}
     copy = pickle.loads(pickle.dumps(error))
     assert type(copy) is MediaError
-    assert (copy.status, copy.code, copy.field, copy.message) == (403, "media_forbidden", "data.image", "host not allowed")
+    assert (copy.status, copy.code, copy.field, copy.message) == \
+        (403, "media_forbidden", "data.image", "host not allowed")
     assert BadRequest("bad json", status=400).status == 400

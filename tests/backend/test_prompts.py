@@ -29,7 +29,8 @@ FREE = CONFIG.target("free")
 def _context(*texts: Any, from_name: str = "prompt", to_name: str = "image") -> dict[str, Any]:
     return {"annotation_id": None, "draft_id": 0, "user_id": 1,
             "result": [{"from_name": "kp", "to_name": to_name, "type": "keypointlabels", "value": {"x": 1, "y": 2}},
-                       {"from_name": from_name, "to_name": to_name, "type": "textarea", "value": {"text": list(texts)}}]}
+                       {"from_name": from_name, "to_name": to_name, "type": "textarea",
+                        "value": {"text": list(texts)}}]}
 
 
 def _task(prompt: Any = None) -> dict[str, Any]:
@@ -55,7 +56,8 @@ def test_extra_params_override_config_per_label() -> None:
     extra = {"prompts": {"car": "the red car", "Traffic_light": ["traffic light", "signal"]}}
     assert pairs(resolve(_task(), TAG, context=None, extra_params=extra)) == [
         ("the red car", "Car", "extra_params"), ("traffic light", "Traffic_light", "extra_params"),
-        ("signal", "Traffic_light", "extra_params"), ("pedestrian", "Person", "config"), ("cyclist", "Person", "config")]
+        ("signal", "Traffic_light", "extra_params"), ("pedestrian", "Person", "config"),
+        ("cyclist", "Person", "config")]
 
 
 def test_extra_params_scoped_to_a_control() -> None:
@@ -169,7 +171,7 @@ def test_brush_without_labels() -> None:
         resolve({"data": {"prompt": {"Car": "x"}}}, FREE, context=None, extra_params=None)
 
 
-# --- prompt_set_hash ---------------------------------------------------------------------------------------------------
+# --- prompt_set_hash -------------------------------------------------------------------------------------------
 
 def test_prompt_set_hash_is_deterministic_and_sensitive() -> None:
     base = prompt_set_hash(CONFIG.targets, {"prompts": {"Car": "x", "Person": "y"}}, mask_mode="semantic")

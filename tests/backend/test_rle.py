@@ -1,4 +1,4 @@
-"""Brush RLE codec: reference vectors, byte identity with the label-studio-sdk encoder, editor-style streams, cleanup."""
+"""Brush RLE codec: reference vectors, byte identity with the SDK encoder, editor-style streams, cleanup."""
 
 from __future__ import annotations
 
