@@ -3,7 +3,8 @@
 URL forms (reference label_studio.md §4.2, §10):
 - `/data/local-files/?d=<rel>`: read from `local_files_root` when set (the path must stay inside it), else downloaded
   from LS with credentials.
-- any other relative path (`/data/upload/1/a.png`, `/storage-data/...`): downloaded from `{LS}<path>` with credentials.
+- any other relative path (`/data/upload/1/a.png`, `/storage-data/...`): downloaded from `{LS}<path>` with credentials;
+  a 404 on `/data/upload/<f>` retries LS's newer proxy `/storage-data/uploaded/?filepath=upload/<f>`.
 - `http(s)://…`: the LS origin (with credentials) or a host in `allowed_hosts` (without); others are refused (403).
   `allowed_hosts` entries: "host" (any port), "host:port", or "*.example.com" (that domain and its subdomains).
 - `s3://`, `gs://`, `azure-blob://`: presigned by LS at `GET {LS}/tasks/{task_id}/presign/?fileuri=<urlsafe b64>`,
@@ -23,7 +24,7 @@ import time
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from urllib.parse import parse_qs, quote, urljoin, urlsplit
+from urllib.parse import parse_qs, quote, unquote, urljoin, urlsplit
 
 import httpx
 import numpy as np
@@ -81,7 +82,7 @@ class ImageFetcher:
         if scheme == "" and url.startswith("/"):
             if urlsplit(url).path.rstrip("/") == "/data/local-files" and self.local_files_root is not None:
                 return self._local_file(url)
-            return self._download(self._ls_absolute(url))
+            return self._from_ls(url)
         raise MediaError(f"unsupported image URL {_short(url)!r}: expected http(s)://, /data/upload/..., "
                          "/data/local-files/?d=..., s3://, gs:// or azure-blob://", field="url")
 
@@ -92,6 +93,20 @@ class ImageFetcher:
             raise MediaError(f"{_short(path)!r} is relative to Label Studio, but no Label Studio URL is known: set "
                              "LABEL_STUDIO_URL (or let LS send its hostname at /setup)", field="url")
         return self.ls_url + path
+
+    def _from_ls(self, path: str) -> bytes:
+        try:
+            return self._download(self._ls_absolute(path))
+        except MediaError as error:
+            if error.code != "image_not_found" or not path.startswith("/data/upload/"):
+                raise
+            proxy = "/storage-data/uploaded/?filepath=" + quote(unquote(path.removeprefix("/data/")), safe="/")
+            try:
+                return self._download(self._ls_absolute(proxy))
+            except MediaError as proxy_error:
+                if proxy_error.code == "image_not_found":
+                    raise error from None
+                raise
 
     def _local_file(self, url: str) -> bytes:
         assert self.local_files_root is not None

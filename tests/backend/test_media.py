@@ -72,6 +72,16 @@ def test_upload_path_is_fetched_from_ls_with_token(ls: FakeLabelStudio) -> None:
     assert ls.auth_headers() == [f"Token {TOKEN}"]
 
 
+def test_upload_falls_back_to_the_storage_proxy(ls: FakeLabelStudio) -> None:
+    ls.protect("/storage-data/uploaded/", lambda request: (200, {}, png(3, 2)) if request.query == {
+        "filepath": ["upload/1/new file.png"]} else (404, {}, b""))
+    assert fetcher(ls).fetch("/data/upload/1/new%20file.png").size == (3, 2)
+    assert [r.path for r in ls.requests] == ["/data/upload/1/new%20file.png", "/storage-data/uploaded/"]
+    assert ls.auth_headers() == [f"Token {TOKEN}"] * 2
+    with pytest.raises(MediaError, match="does not exist"):
+        fetcher(ls).fetch("/data/upload/1/missing.png")
+
+
 def test_without_credentials_ls_refusal_is_explained(ls: FakeLabelStudio) -> None:
     with pytest.raises(MediaError, match="set LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY") as info:
         fetcher(ls, key=None).fetch("/data/upload/1/cat.png")

@@ -113,7 +113,8 @@ def test_hypothesis_word_runs_match_sdk_encode_rle(runs: list[tuple[int, int]]) 
 @settings(max_examples=100, deadline=None)
 @given(st.lists(st.integers(0, 255), min_size=1, max_size=3000))
 def test_hypothesis_literal_chunks_decode(words: list[int]) -> None:
-    assert rle.decode_words(_literal_stream(words)).tolist() == words
+    stream = _literal_stream(words)
+    assert rle.decode_words(stream).tolist() == words == decode_rle(stream).tolist()
 
 
 def test_integer_masks_are_clipped_and_other_dtypes_refused() -> None:
