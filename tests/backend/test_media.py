@@ -170,6 +170,17 @@ def test_pat_refresh_and_retry_on_401(ls: FakeLabelStudio) -> None:
     assert len(media) == 4 and all(h.startswith("Bearer ") for h in media) and media[2] != media[3]
 
 
+def test_pat_access_token_renewed_before_it_expires() -> None:
+    with serve(FakeLabelStudio(access_lifetime=1.0)) as ls:
+        ls.protect("/data/upload/1/cat.png", (200, {}, PNG))
+        images = fetcher(ls, key=ls.make_pat())
+        images.fetch("/data/upload/1/cat.png")
+        time.sleep(1.0)  # past exp - lifetime / 5: renewed up front, no 401 round trip
+        images.fetch("/data/upload/1/cat.png")
+        assert ls.refreshes == 2
+        assert [r.path for r in ls.requests].count("/data/upload/1/cat.png") == 2
+
+
 def test_pat_refused_twice_gives_up_after_one_retry(ls: FakeLabelStudio) -> None:
     ls.routes["/always401"] = lambda request: (401, {}, b"")
     with pytest.raises(MediaError, match="refused our credentials"):
