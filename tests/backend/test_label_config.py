@@ -64,6 +64,19 @@ def test_prompt_attribute_keeps_commas_and_normalises_whitespace() -> None:
     assert config.targets[0].label_prompts == {"Dog": ["the dog, sitting", "a puppy"]}
 
 
+def test_ls_semantic_segmentation_template_with_comments() -> None:
+    config = parse("""<View>
+  <!-- LS template "Semantic Segmentation with Masks" -->
+  <Image name="image" value="$image" zoom="true"/>
+  <BrushLabels name="tag" toName="image">
+    <Label value="Airplane" background="rgba(255, 0, 0, 0.7)"/>
+    <Label value="Car" background="rgba(0, 0, 255, 0.7)"/>
+  </BrushLabels>
+</View>""")
+    assert [(t.from_name, t.to_name, t.value_key, t.labels) for t in config.targets] == [
+        ("tag", "image", "image", ["Airplane", "Car"])]
+
+
 def test_tag_names_are_case_insensitive() -> None:
     config = parse('<view><image name="i" value="$img"/><brushlabels name="b" toName="i">'
                    '<label value="A"/></brushlabels></view>')
