@@ -113,6 +113,10 @@ class EvfSam2Model(EvfPreTrainedModel):
                      image_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One mask per prompt, chosen by `generation`: low-res logits [T,1,4h,4w] and predicted IoU [T], float32."""
         model = self.visual_model
+        if image_index.numel() == 0:  # the sam2 decoder cannot reshape an empty batch
+            h, w = features.embeddings.shape[-2:]
+            return features.embeddings.new_zeros((0, 1, 4 * h, 4 * w), dtype=torch.float32), \
+                features.embeddings.new_zeros(0, dtype=torch.float32)
         selected = features.select(image_index)
         image = selected.embeddings
         t, c, h, w = image.shape

@@ -92,3 +92,9 @@ def test_bad_inputs_raise_clear_errors(model: EvfSamModel) -> None:
         model.encode_prompts(torch.zeros(1, 3, 224, 224), too_long, torch.ones_like(too_long))
     with pytest.raises(PromptError, match="shapes disagree"):
         model.encode_prompts(torch.zeros(2, 3, 224, 224), ids, torch.ones_like(ids))
+
+
+def test_no_prompts_give_empty_results(model: EvfSamModel) -> None:
+    features = model.encode_images(torch.zeros(1, 3, 128, 128))
+    low, score = model.decode_masks(features, torch.zeros(0, 1, 32), torch.zeros(0, dtype=torch.long))
+    assert low.shape == (0, 1, 32, 32) and score.shape == (0,)

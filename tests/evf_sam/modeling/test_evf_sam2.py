@@ -92,3 +92,8 @@ def test_generation_follows_the_tokenizer_unless_overridden(model: EvfSam2Model,
             model.generation
     finally:
         model.tokenizer, model.config.sam2_generation = None, None
+
+
+def test_no_prompts_give_empty_results(model: EvfSam2Model, features) -> None:
+    low, score = model.decode_masks(features, torch.zeros(0, 1, 32), torch.zeros(0, dtype=torch.long))
+    assert low.shape == (0, 1, 32, 32) and score.shape == (0,)
