@@ -13,6 +13,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -310,6 +311,62 @@ def personal_access_token(url: str, credentials: Credentials, store: Path) -> st
     token = response.json()["token"]
     store.write_text(token)
     return token
+
+
+_BACKEND_PREFIXES = ("LABEL_STUDIO_", "REDIS_", "BASIC_AUTH_", "WEBHOOK_", "EVF_SAM_", "QUEUE_", "LOCAL_FILES_")
+
+
+def backend_environment(**settings: str) -> dict[str, str]:
+    """This process's environment without any backend setting it may carry, plus `settings` (env var names)."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith(_BACKEND_PREFIXES)}
+    env.update({"PYTHONUNBUFFERED": "1", **settings})
+    return env
+
+
+class BackendServer:
+    """`python -m backend serve` on 127.0.0.1 (configured by `env`, see backend/settings.py), in its own process
+    group."""
+
+    def __init__(self, env: dict[str, str], log_path: Path, *, port: int | None = None,
+                 python: str = sys.executable) -> None:
+        self.env = env
+        self.log_path = log_path
+        self.port = port or free_port()
+        self.python = python
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def auth(self) -> tuple[str, str] | None:
+        user = self.env.get("BASIC_AUTH_USER")
+        return (user, self.env["BASIC_AUTH_PASS"]) if user else None
+
+    def start(self, timeout: float = 300.0) -> BackendServer:
+        """Start and wait until `/health` answers 200 (embedded mode loads the model first)."""
+        args = [self.python, "-m", "backend", "serve", "--host", "127.0.0.1", "--port", str(self.port)]
+        self.process = spawn(args, self.env, self.log_path)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"backend exited with {self.process.returncode}:\n{self.log_tail()}")
+            try:
+                if httpx.get(f"{self.url}/health", auth=self.auth, timeout=2).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.3)
+        self.stop()
+        raise RuntimeError(f"backend not healthy after {timeout:.0f} s:\n{self.log_tail()}")
+
+    def stop(self) -> None:
+        if self.process is not None:
+            stop_process_group(self.process)
+
+    def log_tail(self, chars: int = 4000) -> str:
+        return self.log_path.read_text(errors="replace")[-chars:] if self.log_path.exists() else "(no log)"
 
 
 @dataclass(frozen=True)

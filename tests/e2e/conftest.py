@@ -3,6 +3,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -10,13 +13,21 @@ import pytest
 
 from scripts.ls_harness import (
     LABEL_CONFIG,
+    REPO,
+    BackendServer,
     LabelStudioClient,
     LabelStudioServer,
+    backend_environment,
     copy_data_dir,
     ensure_installed,
     personal_access_token,
+    spawn,
+    stop_process_group,
     template_data_dir,
 )
+from tests.backend.conftest import RedisDB, redis_db  # noqa: F401 - the session's Redis DB, shared fixture
+
+DEMO_MODEL = REPO / "models" / "evf-demo"
 
 
 @pytest.fixture(scope="session")
@@ -53,3 +64,55 @@ def ls(label_studio: LabelStudioServer) -> Iterator[LabelStudioClient]:
 def ls_pat(label_studio: LabelStudioServer) -> str:
     """The user's Personal Access Token (created through the web login, once per session)."""
     return personal_access_token(label_studio.url, label_studio.credentials, label_studio.data_dir / "pat.txt")
+
+
+# --- the backend Label Studio talks to: `python -m backend serve` + `python -m backend worker` on real Redis -------
+
+BASIC_AUTH = ("labelstudio", "e2e-basic-secret")
+
+
+@pytest.fixture(scope="session")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The shipped demo model when present, else a tiny random checkpoint (masks then carry no meaning)."""
+    if DEMO_MODEL.is_dir():
+        return DEMO_MODEL
+    from evf_sam.testing import make_tiny_checkpoint
+
+    return Path(make_tiny_checkpoint(tmp_path_factory.mktemp("tiny-evf"), family="sam", seed=0))
+
+
+@pytest.fixture(scope="session")
+def backend_env(label_studio: LabelStudioServer, ls_pat: str, redis_db: RedisDB, checkpoint: Path) -> dict[str, str]:
+    """Queue mode on the session's Redis DB; Basic auth on; images fetched from LS with the PAT (no local reads)."""
+    return backend_environment(
+        **redis_db.env(), LABEL_STUDIO_URL=label_studio.url, LABEL_STUDIO_API_KEY=ls_pat,
+        EVF_SAM_CHECKPOINT=str(checkpoint), EVF_SAM_DEVICE="cpu", OMP_NUM_THREADS="1",
+        BASIC_AUTH_USER=BASIC_AUTH[0], BASIC_AUTH_PASS=BASIC_AUTH[1], PREDICT_TIMEOUT="80",
+        WORKER_POLL_SECONDS="1")
+
+
+@pytest.fixture(scope="session")
+def backend_worker(backend_env: dict[str, str], redis_db: RedisDB,
+                   tmp_path_factory: pytest.TempPathFactory) -> Iterator[subprocess.Popen]:
+    """One `python -m backend worker`, registered with Redis before the tests use it."""
+    name = f"e2e-{redis_db.run_id}"
+    log_path = tmp_path_factory.mktemp("worker") / "worker.log"
+    process = spawn([sys.executable, "-m", "backend", "worker", "--name", name], backend_env, log_path)
+    client = redis_db.client()
+    deadline = time.monotonic() + 300
+    while not client.sismember("rq:workers", f"rq:worker:{name}"):
+        if process.poll() is not None or time.monotonic() > deadline:
+            stop_process_group(process)
+            pytest.fail(f"worker did not register:\n{log_path.read_text(errors='replace')[-3000:]}")
+        time.sleep(0.3)
+    yield process
+    stop_process_group(process)
+
+
+@pytest.fixture(scope="session")
+def backend(backend_env: dict[str, str], backend_worker: subprocess.Popen,
+            tmp_path_factory: pytest.TempPathFactory) -> Iterator[BackendServer]:
+    """`python -m backend serve` in queue mode (the model runs in `backend_worker`)."""
+    server = BackendServer(backend_env, tmp_path_factory.mktemp("backend") / "server.log").start()
+    yield server
+    server.stop()

@@ -1,0 +1,116 @@
+"""Label Studio drives our backend for real: Retrieve Predictions, interactive TextArea prompts, Basic auth, and
+image downloads from LS with a Personal Access Token (queue mode: `backend serve` + `backend worker` on Redis)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from backend import rle
+from scripts.ls_harness import BackendServer, LabelStudioClient, LabelStudioError, Sample, make_samples
+from tests.e2e.conftest import BASIC_AUTH, DEMO_MODEL
+
+pytestmark = pytest.mark.e2e
+NEEDS_DEMO_MODEL = "IoU needs the trained demo model (models/evf-demo is absent: running a tiny random checkpoint)"
+
+
+@dataclass
+class ShapesProject:
+    project: int
+    backend: int  # LS's id of the connected ML backend
+    samples: dict[int, Sample]  # task id -> sample
+
+
+def iou(a: np.ndarray, b: np.ndarray) -> float:
+    union = np.logical_or(a, b).sum()
+    return float(np.logical_and(a, b).sum() / union) if union else 1.0
+
+
+@pytest.fixture(scope="module")
+def shapes(ls: LabelStudioClient, label_config: str, document_root: Path, backend: BackendServer) -> ShapesProject:
+    """A project with 4 sample images (2 local-files tasks, 2 uploads), each prompting for its circle and square;
+    the backend connected with Basic auth and as interactive."""
+    samples = make_samples(document_root / "shapes", count=4)
+    project = ls.create_project("shapes e2e", label_config)["id"]
+    ls.add_local_storage(project, document_root / "shapes")
+    local = ls.import_tasks(project, [
+        {"data": {"image": f"/data/local-files/?d=shapes/{sample.image.name}", "prompt": sample.prompts}}
+        for sample in samples[:2]])
+    uploaded = ls.upload_images(project, [sample.image for sample in samples[2:]])
+    for task, sample in zip(uploaded, samples[2:]):
+        data = ls.task(task)["data"]
+        assert data["image"].startswith(f"/data/upload/{project}/")
+        ls.call("PATCH", f"/api/tasks/{task}", json={"data": {**data, "prompt": sample.prompts}})
+    connected = ls.connect_backend(project, backend.url, basic_auth=BASIC_AUTH)
+    return ShapesProject(project, connected["id"], dict(zip(local + uploaded, samples)))
+
+
+def regions_by_label(result: list[dict], size: tuple[int, int]) -> dict[str, np.ndarray]:
+    """Decode brush regions (checking their shape against the image) into one mask per label."""
+    width, height = size
+    masks: dict[str, np.ndarray] = {}
+    for region in result:
+        assert (region["type"], region["from_name"], region["to_name"]) == ("brushlabels", "tag", "image")
+        assert (region["original_width"], region["original_height"]) == (width, height)
+        [label] = region["value"]["brushlabels"]
+        mask = rle.decode(region["value"]["rle"], height, width)
+        masks[label] = masks.get(label, np.zeros_like(mask)) | mask
+    return masks
+
+
+def test_retrieve_predictions_stores_labelled_masks(ls: LabelStudioClient, shapes: ShapesProject,
+                                                    backend: BackendServer) -> None:
+    answer = ls.retrieve_predictions(shapes.project)
+    assert answer["processed_items"] == len(shapes.samples)
+
+    versions = set()
+    for task, sample in shapes.samples.items():
+        [prediction] = ls.predictions(task)
+        versions.add(prediction["model_version"])
+        size = Image.open(sample.image).size
+        masks = regions_by_label(prediction["result"], size)
+        assert set(masks) == {"Circle", "Square"}  # one labelled region per prompt
+        if DEMO_MODEL.is_dir():
+            for label, truth in sample.masks.items():
+                assert iou(masks.get(label, np.zeros_like(truth)), truth) >= 0.8, (task, label)
+    assert len(versions) == 1
+    assert "empty prediction" not in backend.log_tail(100_000), "a task failed (e.g. its image could not be fetched)"
+    if not DEMO_MODEL.is_dir():
+        pytest.skip(f"labels and mask sizes checked; {NEEDS_DEMO_MODEL}")
+
+
+def test_retrieving_again_predicts_nothing_new(ls: LabelStudioClient, shapes: ShapesProject) -> None:
+    ls.retrieve_predictions(shapes.project)
+    before = {task: len(ls.predictions(task)) for task in shapes.samples}
+    ls.retrieve_predictions(shapes.project)
+    assert {task: len(ls.predictions(task)) for task in shapes.samples} == before
+
+
+def test_interactive_textarea_prompt(ls: LabelStudioClient, shapes: ShapesProject) -> None:
+    task, sample = next(iter(shapes.samples.items()))
+    stored = len(ls.predictions(task))
+    context = {"result": [{"from_name": "prompt", "to_name": "image", "type": "textarea",
+                           "value": {"text": ["Square: the grey square"]}}]}
+    answer = ls.interactive(shapes.backend, task, context)
+    assert "errors" not in answer, answer
+    masks = regions_by_label(answer["data"]["result"], Image.open(sample.image).size)
+    assert set(masks) == {"Square"}  # "Label: text" picks the label
+    assert len(ls.predictions(task)) == stored  # interactive answers go to the editor, not the database
+    if not DEMO_MODEL.is_dir():
+        pytest.skip(f"label and mask size checked; {NEEDS_DEMO_MODEL}")
+    assert iou(masks["Square"], sample.masks["Square"]) >= 0.8
+
+
+def test_backend_requires_the_basic_auth_label_studio_sends(ls: LabelStudioClient, shapes: ShapesProject,
+                                                            backend: BackendServer) -> None:
+    assert httpx.get(f"{backend.url}/health").status_code == 401
+    assert httpx.get(f"{backend.url}/health", auth=BASIC_AUTH).status_code == 200
+    with pytest.raises(LabelStudioError):
+        ls.connect_backend(shapes.project, backend.url, title="wrong password", basic_auth=(BASIC_AUTH[0], "nope"))
+    [connected] = ls.backends(shapes.project)
+    assert connected["auth_method"] == "BASIC_AUTH" and connected["state"] != "DI"
