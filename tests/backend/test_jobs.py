@@ -1,0 +1,71 @@
+"""Job functions run in-process exactly as workers run them: tiny checkpoint, images from the loopback server."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from backend import jobs, rle
+from backend.errors import BackendError
+from backend.settings import get_settings
+
+
+@pytest.fixture
+def job_env(monkeypatch, tiny_checkpoint):
+    monkeypatch.setenv("EVF_SAM_CHECKPOINT", str(tiny_checkpoint))
+    monkeypatch.setenv("EVF_SAM_DEVICE", "cpu")
+    monkeypatch.setenv("MEDIA_ALLOWED_HOSTS", "127.0.0.1")
+    get_settings.cache_clear()
+    yield
+    get_settings.cache_clear()
+
+
+def payload(url: str, **options) -> dict:
+    return {"task_id": 1, "hostname": None, "prompt_hash": "abcdef123456",
+            "options": {"mask_mode": "semantic", "min_area": 0, "fill_holes_below": 0, "max_instances": 20,
+                        "semantic": False, **options},
+            "images": [{"url": url, "to_name": "image",
+                        "requests": [{"from_name": "tag", "type": "brushlabels", "label": "Cat", "prompt": "a cat"},
+                                     {"from_name": "tag", "type": "brushlabels", "label": "Object",
+                                      "prompt": "the square"}]}]}
+
+
+def test_predict_task_answers_an_ls_prediction_at_the_exif_transposed_size(job_env, image_server):
+    prediction = jobs.predict_task(payload(image_server.image_url("exif.jpg")))
+    assert set(prediction) == {"result", "score", "model_version"}
+    assert prediction["model_version"].endswith("-pabcdef")
+    for region in prediction["result"]:
+        assert (region["original_width"], region["original_height"]) == (40, 60)
+        assert region["value"]["brushlabels"] in (["Cat"], ["Object"])
+        assert rle.decode(region["value"]["rle"], 60, 40).any()
+
+
+def test_the_same_payload_gives_the_same_answer(job_env, image_server):
+    body = payload(image_server.image_url("red.png"))
+    assert jobs.predict_task(body) == jobs.predict_task(body)
+
+
+def test_the_model_is_loaded_once_per_process(job_env):
+    assert jobs.get_runtime() is jobs.get_runtime()
+
+
+def test_instances_are_parts_of_the_semantic_mask(job_env, image_server):
+    semantic = jobs.predict_task(payload(image_server.image_url("red.png")))
+    instances = jobs.predict_task(payload(image_server.image_url("red.png"), mask_mode="instances"))
+    union = {label: np.zeros((48, 64), bool) for label in ("Cat", "Object")}
+    for region in instances["result"]:
+        union[region["value"]["brushlabels"][0]] |= rle.decode(region["value"]["rle"], 48, 64)
+    for region in semantic["result"]:
+        mask = rle.decode(region["value"]["rle"], 48, 64)
+        assert not (union[region["value"]["brushlabels"][0]] & ~mask).any()
+
+
+def test_a_broken_image_raises_a_backend_error(job_env, image_server):
+    with pytest.raises(BackendError):
+        jobs.predict_task(payload(image_server.image_url("broken.png")))
+
+
+def test_record_event_summarises_a_webhook():
+    summary = jobs.record_event({"action": "ANNOTATION_UPDATED", "annotation": {"id": 5}, "task": {"id": 2},
+                                 "project": {"id": 7}, "received_at": 1.0})
+    assert summary == {"action": "ANNOTATION_UPDATED", "project": 7, "task": 2, "annotation": 5, "received_at": 1.0}
