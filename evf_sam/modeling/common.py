@@ -87,6 +87,25 @@ class EvfPreTrainedModel(PreTrainedModel):
     def _init_weights(self, module: nn.Module) -> None:
         """No-op: modules initialise themselves and checkpoints are loaded by `evf_sam.loading`."""
 
+    @classmethod
+    def from_pretrained(cls, path_or_repo: Any, *, dtype: torch.dtype | str | None = None,
+                        torch_dtype: torch.dtype | str | None = None, device: str | torch.device = "cpu",
+                        **ignored: Any) -> EvfPreTrainedModel:
+        """`evf_sam.load_model` under the name the official code uses; loading-only kwargs of transformers are ignored."""
+        from evf_sam.errors import CheckpointError
+        from evf_sam.loading import load_model
+
+        model = load_model(path_or_repo, device=device, dtype=dtype or torch_dtype or torch.float32)
+        if not isinstance(model, cls):
+            raise CheckpointError(f"{path_or_repo} holds a {type(model).__name__}, not a {cls.__name__}")
+        return model
+
+    def save_pretrained(self, save_directory: Any, **ignored: Any) -> None:
+        """`evf_sam.loading.save_checkpoint`: official key names plus the tokenizer files."""
+        from evf_sam.loading import save_checkpoint
+
+        save_checkpoint(self, save_directory)
+
     @property
     def sam_image_size(self) -> int:
         """Side of the square SAM input."""

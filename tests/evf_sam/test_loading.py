@@ -216,3 +216,15 @@ def test_save_needs_a_tokenizer(tmp_path: Path) -> None:
 
     with pytest.raises(CheckpointError, match="the model has none attached; pass tokenizer_dir"):
         save_checkpoint(EvfSamModel(tiny_config("sam")), tmp_path / "out")
+
+
+def test_official_style_from_pretrained_and_save_pretrained(tiny_sam: Path, tmp_path: Path) -> None:
+    from evf_sam.modeling.evf_sam import EvfSamModel
+    from evf_sam.modeling.evf_sam2 import EvfSam2Model
+
+    model = EvfSamModel.from_pretrained(tiny_sam, torch_dtype=torch.float16, low_cpu_mem_usage=True)
+    assert model.dtype == torch.float16 and model.model_name == "evf-tiny"
+    model.save_pretrained(tmp_path / "saved")
+    assert load_model(tmp_path / "saved").state_dict().keys() == model.state_dict().keys()
+    with pytest.raises(CheckpointError, match="holds a EvfSamModel, not a EvfSam2Model"):
+        EvfSam2Model.from_pretrained(tiny_sam)
