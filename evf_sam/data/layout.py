@@ -93,8 +93,11 @@ class Sample(NamedTuple):
     record: Record
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Replace `path` with `data` atomically: temp file in the same directory, fsync, rename, fsync the directory."""
+def atomic_write_bytes(path: str | os.PathLike, data: bytes, *, durable: bool = True) -> None:
+    """Replace `path` with `data` atomically: temp file in the same directory, fsync, rename, fsync the directory.
+
+    durable=False skips the fsyncs (still atomic for readers, not crash-safe): for bulk generated files that
+    only become reachable once the durably written records.jsonl names them."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -102,11 +105,14 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
-            os.fsync(fh.fileno())
+            if durable:
+                os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    if not durable:
+        return
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(dir_fd)
@@ -148,28 +154,29 @@ def load_mask(path: str | os.PathLike) -> np.ndarray:
         raise DatasetError(f"cannot read mask {path}: {exc}") from None
 
 
-def save_mask(path: str | os.PathLike, mask: np.ndarray) -> None:
-    """Atomically write a boolean / 0-1 (H, W) mask as a single-channel 0/255 PNG."""
+def save_mask(path: str | os.PathLike, mask: np.ndarray, *, durable: bool = True) -> None:
+    """Atomically write a boolean / 0-1 (H, W) mask as a single-channel 0/255 PNG (durable: see atomic_write_bytes)."""
     mask = np.asarray(mask)
     if mask.ndim != 2:
         raise ValueError(f"a mask must be 2-D (H, W), got shape {mask.shape}")
-    _save_pil(path, Image.fromarray(np.where(mask > 0, 255, 0).astype(np.uint8), mode="L"), "PNG", {})
+    _save_pil(path, Image.fromarray(np.where(mask > 0, 255, 0).astype(np.uint8), mode="L"), "PNG", {}, durable)
 
 
-def save_image(path: str | os.PathLike, image: Image.Image | np.ndarray, **save_kwargs: Any) -> None:
+def save_image(path: str | os.PathLike, image: Image.Image | np.ndarray, *, durable: bool = True,
+               **save_kwargs: Any) -> None:
     """Atomically write an image; the format follows the suffix (`.png`, `.jpg` ...), `save_kwargs` go to PIL."""
     if isinstance(image, np.ndarray):
         image = Image.fromarray(image)
     fmt = Image.registered_extensions().get(Path(path).suffix.lower())
     if fmt is None:
         raise ValueError(f"unknown image format for {path}")
-    _save_pil(path, image, fmt, save_kwargs)
+    _save_pil(path, image, fmt, save_kwargs, durable)
 
 
-def _save_pil(path: str | os.PathLike, image: Image.Image, fmt: str, kwargs: dict[str, Any]) -> None:
+def _save_pil(path: str | os.PathLike, image: Image.Image, fmt: str, kwargs: dict[str, Any], durable: bool) -> None:
     buf = io.BytesIO()
     image.save(buf, format=fmt, **kwargs)
-    atomic_write_bytes(path, buf.getvalue())
+    atomic_write_bytes(path, buf.getvalue(), durable=durable)
 
 
 def load_image(path: str | os.PathLike) -> Image.Image:
