@@ -47,9 +47,12 @@ class EvfConfig(PretrainedConfig):
     @property
     def family(self) -> str:
         """"sam" (SAM-1 ViT) or "sam2" (SAM-2 Hiera), from `architectures`, else from `sam_scale`."""
-        for name in self.architectures or []:
+        architectures = self.architectures or []
+        for name in architectures:
             if name in FAMILY_BY_ARCHITECTURE:
                 return FAMILY_BY_ARCHITECTURE[name]
+        if architectures:
+            raise ValueError(f"unsupported architectures {architectures!r}; supported: {sorted(FAMILY_BY_ARCHITECTURE)}")
         scale = getattr(self, "sam_scale", None)
         if scale in SAM_PRESETS:
             return "sam"

@@ -66,6 +66,14 @@ def test_family_from_sam_scale_without_architectures() -> None:
         EvfConfig(sam_scale="giant").family
 
 
+def test_unsupported_architecture_is_not_guessed_from_sam_scale(tmp_path: Path) -> None:
+    values = {"architectures": ["EvfEffiSamModel"], "hidden_size": 1024, "mm_extractor_scale": "large",
+              "sam_scale": "tiny"}
+    (tmp_path / "config.json").write_text(json.dumps(values))
+    with pytest.raises(CheckpointError, match=r"unsupported architectures \['EvfEffiSamModel'\]"):
+        read_config(tmp_path)
+
+
 def test_optional_small_model_fields_override_presets() -> None:
     config = EvfConfig(hidden_size=32, beit3_config={"embed_dim": 32, "layers": 2}, sam_config={"depth": 2})
     assert config.beit3_dims() | {} == {"embed_dim": 32, "layers": 2, "heads": 12, "ffn_dim": 3072,
