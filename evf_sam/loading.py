@@ -56,7 +56,9 @@ def resolve_checkpoint(path_or_repo: str | os.PathLike) -> tuple[Path, str]:
     if path.is_dir():
         return path, path.resolve().name
     text = str(path_or_repo)
-    if path.exists() or not _REPO_ID.match(text):
+    if path.exists():
+        raise CheckpointError(f"{text!r} is a file; pass the checkpoint directory that holds config.json and weights")
+    if not _REPO_ID.match(text):
         raise CheckpointError(f"checkpoint directory not found: {text!r} (expected a directory holding config.json "
                               f"and model weights, or a Hugging Face repo id such as 'YxZhang/evf-sam2')")
     from huggingface_hub import snapshot_download

@@ -154,6 +154,8 @@ def test_fingerprint_follows_the_weights(tiny_sam: Path, tmp_path: Path) -> None
 def test_missing_directory_and_missing_weights(tiny_sam: Path, tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match="checkpoint directory not found"):
         load_model(tmp_path / "nowhere")
+    with pytest.raises(CheckpointError, match="is a file; pass the checkpoint directory"):
+        load_model(tiny_sam / "model.safetensors")
     out = _copy(tiny_sam, tmp_path / "noweights")
     (out / "model.safetensors").unlink()
     with pytest.raises(CheckpointError, match="no weights in"):
