@@ -10,6 +10,7 @@ import concurrent.futures
 import itertools
 import logging
 import queue as stdlib_queue
+import sys
 import threading
 import time
 import uuid
@@ -124,6 +125,8 @@ class EmbeddedDispatcher:
 
         self.settings = settings
         self._runtime = jobs.get_runtime(settings)  # load the weights at start, never per request
+        # The model thread shares the GIL with the HTTP event loop: hand it over more often so /health stays fast.
+        sys.setswitchinterval(0.001)
         self._queue: stdlib_queue.PriorityQueue = stdlib_queue.PriorityQueue()
         self._sequence = itertools.count()
         self._lock = threading.Lock()

@@ -4,6 +4,8 @@ LS-shaped /setup and /predict payloads, one prediction per task in order, brush 
 from __future__ import annotations
 
 import re
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
@@ -114,3 +116,23 @@ def test_unknown_label_fails_that_task_in_a_batch_and_is_a_422_interactively(ser
     assert error["field"] == "data.prompt.Dog" and "Dog" in error["message"]
     bad_setup = httpx.post(server.url + "/setup", json=setup_body(extra_params={"prompts": {"Dog": "a dog"}}))
     assert bad_setup.status_code == 422 and bad_setup.json()["field"] == "extra_params.prompts.Dog"
+
+
+def test_health_answers_within_ls_timeout_while_the_model_is_busy(server, image_server):
+    def health_seconds() -> float:
+        started = time.perf_counter()
+        assert httpx.get(server.url + "/health", timeout=1).json()["status"] == "UP"  # LS waits 1 s
+        return time.perf_counter() - started
+
+    idle = sorted(health_seconds() for _ in range(10))
+    tasks = [task(i, image_server.image_url("red.png"), prompt=f"object number {i}") for i in range(1, 41)]
+    timings = []
+    with ThreadPoolExecutor(1) as pool:
+        busy = pool.submit(httpx.post, server.url + "/predict", json=predict_body(tasks), timeout=90)
+        while not busy.done():
+            timings.append(health_seconds())
+            time.sleep(0.05)
+        assert len(busy.result().json()["results"]) == 40
+    timings.sort()
+    print(f"/health idle median {idle[5] * 1000:.1f} ms; while busy (n={len(timings)}) median "
+          f"{timings[len(timings) // 2] * 1000:.1f} ms, max {timings[-1] * 1000:.1f} ms")
