@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import zlib
 from collections.abc import Sequence
 from pathlib import Path
@@ -82,6 +83,8 @@ def generate_dataset(root: str | os.PathLike, n_images: int, seed: int = 0, spli
     Each record carries extra fields `kind`, `query`, `targets` and `scene_index`; `scenes.jsonl` describes
     every object (attributes, centre, radius, bbox, full and visible area).
     """
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9.-]*", split):
+        raise ValueError(f"split name {split!r} must be letters, digits, '.' or '-' (it becomes part of file names)")
     root = Path(root)
     (root / IMAGES_DIR).mkdir(parents=True, exist_ok=True)
     (root / MASKS_DIR).mkdir(parents=True, exist_ok=True)
@@ -116,6 +119,13 @@ def _merge_split(root: Path, split: str, records: list[Record], scenes: list[str
     kept_scenes = [line for line in old_scenes if line and json.loads(line).get("split") != split]
     atomic_write_bytes(root / SCENES_FILE, "".join(f"{s}\n" for s in kept_scenes + scenes).encode())
     write_records(root, kept + records)
+    # Files of an earlier, larger run of this split are no longer referenced: remove them.
+    referenced = {r.image for r in records} | {r.mask for r in records}
+    ours = re.compile(rf"{re.escape(split)}_\d{{6,}}(_\d+)?\.(jpg|png)")
+    for folder in (IMAGES_DIR, MASKS_DIR):
+        for path in (root / folder).iterdir():
+            if ours.fullmatch(path.name) and f"{folder}/{path.name}" not in referenced:
+                path.unlink()
 
 
 def text_corpus(n: int = 20000, seed: int = 0) -> list[str]:

@@ -100,6 +100,8 @@ def test_dataset_on_disk_matches_the_generator(tmp_path):
     generate_dataset(tmp_path, 2, seed=2, split="train", progress=False)
     generate_dataset(tmp_path, 3, seed=2, split="val", semantic_ratio=0.5, progress=False)
     assert {r.split for r in read_records(tmp_path)} == {"train", "val"}
+    on_disk = {p.relative_to(tmp_path).as_posix() for p in tmp_path.glob("*/*")}
+    assert on_disk == {r.image for r in read_records(tmp_path)} | {r.mask for r in read_records(tmp_path)}
     val = LayoutDataset(tmp_path, split="val")
     assert len(val) == len([r for r in records if r.extra["scene_index"] < 3])
     assert any(r.semantic for r in val.records)
@@ -111,6 +113,11 @@ def test_dataset_on_disk_matches_the_generator(tmp_path):
         assert record.semantic == item["semantic"]
         if not record.semantic:
             assert record.label == scene.objects[item["targets"][0]].shape
+
+
+def test_split_names_that_would_break_file_names_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="split name"):
+        generate_dataset(tmp_path, 1, split="../x", progress=False)
 
 
 def test_corpus_covers_the_vocabulary():
