@@ -135,8 +135,10 @@ def _clear(query: dict[str, Any], target: int, objects: list[SceneObject], side:
     return True
 
 
-def _subsets(obj: SceneObject, keys=ATTR_KEYS) -> list[dict[str, str]]:
-    return [{k: getattr(obj, k) for k in combo} for n in range(len(keys) + 1) for combo in itertools.combinations(keys, n)]
+def _subsets(obj: SceneObject, keys: tuple[str, ...] = ATTR_KEYS) -> list[dict[str, str]]:
+    """Every attribute dict of `obj` over a subset of `keys`, from {} up to all of them."""
+    combos = itertools.chain.from_iterable(itertools.combinations(keys, n) for n in range(len(keys) + 1))
+    return [{k: getattr(obj, k) for k in combo} for combo in combos]
 
 
 def valid_queries(objects: list[SceneObject], side: int) -> list[tuple[dict[str, Any], list[int], float]]:

@@ -116,7 +116,7 @@ def _raster(shape: str, cx: float, cy: float, r: float, rot: float, rng: np.rand
 
 def _texture(texture: str, rgb: np.ndarray, h: int, w: int, r: float, rng: np.random.Generator) -> np.ndarray:
     """(h, w, 3) uint8 fill: the object's colour, patterned with a darker or lighter shade of the same hue."""
-    shade = rgb * 0.5 if rng.random() < 0.5 else rgb + (255 - rgb) * 0.55
+    shade = rgb * 0.62 if rng.random() < 0.5 else rgb + (255 - rgb) * 0.5
     if texture == "solid":
         return np.broadcast_to(rgb.astype(np.uint8), (h, w, 3))
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
