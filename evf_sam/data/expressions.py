@@ -55,7 +55,7 @@ SEMANTIC_FORMS = ["all {p}", "all the {p}", "every {s}", "{p}", "the {p}"]
 ATTRIBUTE_FORMS = ["the {d}", "{d}"]
 ATTR_KEYS = ("size", "colour", "texture", "shape")
 # Centre offsets and area ratios below these count as "not clearly different" (fractions of the shorter side).
-POSITION_MARGIN = 0.1
+POSITION_MARGIN = 0.15
 AREA_RATIO = 1.4
 NEAR_RATIO = 1.5
 
@@ -130,7 +130,10 @@ def _clear(query: dict[str, Any], target: int, objects: list[SceneObject], side:
         if query["relation"] == "near":
             return all(_distance(o, ref) > NEAR_RATIO * _distance(t, ref) for o in others)
         key = _REL_KEY[query["relation"]]
-        return _coordinate(t, key) - _coordinate(ref, key) > margin and all(
+        along = _coordinate(t, key) - _coordinate(ref, key)
+        across = abs(t.cy - ref.cy) if key in ("left", "right") else abs(t.cx - ref.cx)
+        # "left of" should look left of, not mostly above or below: the offset along the relation dominates.
+        return along > margin and along >= 0.5 * across and all(
             _coordinate(o, key) < _coordinate(ref, key) for o in others)
     return True
 
