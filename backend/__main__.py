@@ -46,15 +46,22 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--burst", action="store_true", help="exit once the queues are empty")
     worker.add_argument("--name", help="worker name (default: evf-<host>-<pid>)")
 
-    for name in ("prelabel", "corrections"):
-        commands.add_parser(name, help="not available yet", add_help=False)
+    from backend import prelabel
+
+    prelabel.add_arguments(commands.add_parser(
+        "prelabel", help="pre-label a Label Studio project through its API (progress bar; rerun resumes)",
+        description="List a project's tasks through the LS API, skip those already predicted by the current "
+                    "model_version, predict the rest (Redis: chunks on the batch queue for the workers; embedded: "
+                    "in this process) and write the predictions back. Needs LABEL_STUDIO_URL and "
+                    "LABEL_STUDIO_API_KEY."))
+    commands.add_parser("corrections", help="not available yet", add_help=False)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the process exit status."""
     argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] in ("prelabel", "corrections"):
+    if argv and argv[0] == "corrections":
         print(f"python -m backend {argv[0]}: not available yet", file=sys.stderr)
         return 2
     args = build_parser().parse_args(argv)
@@ -73,6 +80,10 @@ def main(argv: list[str] | None = None) -> int:
         uvicorn.run(create_app(settings), host=args.host or settings.host, port=args.port or settings.port,
                     log_level=settings.log_level.lower(), timeout_graceful_shutdown=5)
         return 0
+    if args.command == "prelabel":
+        from backend.prelabel import run_cli
+
+        return run_cli(args, settings)
     if settings.redis_url is None:
         print("python -m backend worker needs REDIS_URL (without it, `serve` runs the jobs itself)", file=sys.stderr)
         return 2

@@ -116,6 +116,11 @@ class Settings(BaseSettings):
     max_instances: int = Field(20, ge=1, validation_alias="MAX_INSTANCES",
                                description="Instances mode: at most this many regions per prompt (largest first).")
 
+    # --- bulk pre-labelling -------------------------------------------------------------------------------------
+    auto_prelabel: bool = Field(False, validation_alias="AUTO_PRELABEL",
+                                description="Pre-label tasks as they are imported (TASKS_CREATED webhook); per project "
+                                            'also with extra_params {"auto_prelabel": true}.')
+
     # --- corrections ----------------------------------------------------------------------------------------------
     corrections_dir: Path = Field(Path("corrections"), validation_alias="CORRECTIONS_DIR",
                                   description="Dataset directory where annotators' corrections are collected.")

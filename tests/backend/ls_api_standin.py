@@ -2,7 +2,7 @@
 
 In-memory projects, tasks, predictions and annotations; legacy-token auth (`Authorization: Token …`); uploaded files
 under `/data/upload/…`. Faults for retry tests: `fail(path_prefix, status, times)` answers `status` to the next
-`times` matching requests, `drop(path_prefix, times)` closes the connection without an answer. `delay` slows writes
+`times` matching requests, `fail_after_storing(...)` does the work and then answers `status`, `drop(path_prefix, times)` closes the connection without an answer. `delay` slows writes
 down (to make overlapping runs overlap). Every request is recorded (method, path, query, auth header).
 """
 
@@ -83,6 +83,10 @@ class LabelStudioStandIn:
 
     def fail(self, path_prefix: str, status: int, times: int = 1, method: str | None = None) -> None:
         self._faults.append([path_prefix, status, times, method])
+
+    def fail_after_storing(self, path_prefix: str, status: int, times: int = 1, method: str | None = None) -> None:
+        """Do the work, then answer `status` anyway (a write whose success answer got lost)."""
+        self._faults.append([path_prefix, ("after", status), times, method])
 
     def drop(self, path_prefix: str, times: int = 1, method: str | None = None) -> None:
         self._faults.append([path_prefix, "drop", times, method])
@@ -196,12 +200,14 @@ def running(state: LabelStudioStandIn | None = None) -> Iterator[LabelStudioStan
                 self.close_connection = True
                 self.connection.shutdown(2)
                 return
-            if fault is not None:
+            if isinstance(fault, int):
                 status, payload = fault, {"detail": "injected failure"}
             elif auth != f"Token {ls.token}":
                 status, payload = 401, {"detail": "Authentication credentials were not provided."}
             else:
                 status, payload = ls.handle(self.command, parts.path, query, json.loads(raw) if raw else None)
+                if isinstance(fault, tuple):
+                    status, payload = fault[1], {"detail": "injected failure after storing"}
             if isinstance(payload, bytes):
                 body, content_type = payload, "image/png"
             else:

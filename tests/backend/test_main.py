@@ -32,5 +32,5 @@ def test_invalid_configuration_is_reported_without_a_traceback(base_env):
 
 
 def test_later_commands_say_they_are_not_available_yet():
-    result = run("prelabel", "--project", "3")
+    result = run("corrections", "report")
     assert result.returncode == 2 and "not available yet" in result.stderr
