@@ -159,7 +159,7 @@ def save_mask(path: str | os.PathLike, mask: np.ndarray, *, durable: bool = True
     mask = np.asarray(mask)
     if mask.ndim != 2:
         raise ValueError(f"a mask must be 2-D (H, W), got shape {mask.shape}")
-    _save_pil(path, Image.fromarray(np.where(mask > 0, 255, 0).astype(np.uint8), mode="L"), "PNG", {}, durable)
+    _save_pil(path, Image.fromarray(np.where(mask > 0, 255, 0).astype(np.uint8), mode="L"), "PNG", {"compress_level": 1}, durable)
 
 
 def save_image(path: str | os.PathLike, image: Image.Image | np.ndarray, *, durable: bool = True,
