@@ -235,27 +235,36 @@ def start_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[
 
 @pytest.fixture(scope="session")
 def start_worker(tmp_path_factory: pytest.TempPathFactory, redis_db: RedisDB) -> Iterator[Callable[..., Process]]:
-    """`start_worker(env, name=…)` -> a `python -m backend worker` that has registered with Redis."""
+    """`start_worker(env, name=…)` -> a `python -m backend worker` that has registered with Redis.
+    `start_worker(env, names=[…])` starts several at once (they load the model in parallel) and returns a dict."""
     started: list[Process] = []
     logs = tmp_path_factory.mktemp("worker-logs")
 
-    def start(env: dict[str, str], name: str | None = None, ready_timeout: float = 120.0,
-              extra_args: tuple[str, ...] = ()) -> Process:
-        name = name or f"w-{uuid.uuid4().hex[:6]}"
-        log_path = logs / f"{name}.log"
-        process = Process(_spawn(["worker", "--name", name, *extra_args], env, log_path), log_path)
-        started.append(process)
+    def wait_ready(process: Process, name: str, env: dict[str, str], deadline: float, burst: bool) -> None:
         client = redis_db.client()
-        deadline = time.monotonic() + ready_timeout
         while time.monotonic() < deadline:
             if process.popen.poll() is not None:
-                if "--burst" in extra_args:
-                    return process
+                if burst:
+                    return
                 pytest.fail(f"worker exited with {process.popen.returncode}:\n{process.log()[-3000:]}")
             if client.sismember(f"rq:workers:{env['QUEUE_INTERACTIVE']}", f"rq:worker:{name}"):
-                return process
+                return
             time.sleep(0.2)
-        pytest.fail(f"worker did not register within {ready_timeout} s:\n{process.log()[-3000:]}")
+        pytest.fail(f"worker {name} did not register in time:\n{process.log()[-3000:]}")
+
+    def start(env: dict[str, str], name: str | None = None, ready_timeout: float = 180.0,
+              extra_args: tuple[str, ...] = (), names: list[str] | None = None) -> Process | dict[str, Process]:
+        wanted = names or [name or f"w-{uuid.uuid4().hex[:6]}"]
+        processes = {}
+        for worker_name in wanted:
+            log_path = logs / f"{worker_name}.log"
+            processes[worker_name] = Process(_spawn(["worker", "--name", worker_name, *extra_args], env, log_path),
+                                             log_path)
+            started.append(processes[worker_name])
+        deadline = time.monotonic() + ready_timeout
+        for worker_name, process in processes.items():
+            wait_ready(process, worker_name, env, deadline, burst="--burst" in extra_args)
+        return processes if names else processes[wanted[0]]
 
     yield start
     for process in started:
