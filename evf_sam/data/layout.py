@@ -159,7 +159,8 @@ def save_mask(path: str | os.PathLike, mask: np.ndarray, *, durable: bool = True
     mask = np.asarray(mask)
     if mask.ndim != 2:
         raise ValueError(f"a mask must be 2-D (H, W), got shape {mask.shape}")
-    _save_pil(path, Image.fromarray(np.where(mask > 0, 255, 0).astype(np.uint8), mode="L"), "PNG", {"compress_level": 1}, durable)
+    pixels = Image.fromarray(np.where(mask > 0, 255, 0).astype(np.uint8))  # uint8 (H, W) -> mode "L"
+    _save_pil(path, pixels, "PNG", {"compress_level": 1}, durable)
 
 
 def save_image(path: str | os.PathLike, image: Image.Image | np.ndarray, *, durable: bool = True,
