@@ -82,7 +82,10 @@ def _load_runtime(settings: Settings) -> Runtime:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     started = time.perf_counter()
     model = evf_sam.load_model(checkpoint, device=device, dtype=getattr(torch, settings.evf_sam_dtype))
-    runtime = Runtime(predictor=evf_sam.EvfPredictor(model, cache_size=settings.embedding_cache_size),
+    predictor = evf_sam.EvfPredictor(model, cache_size=settings.embedding_cache_size,
+                                     max_image_batch=settings.image_batch_size,
+                                     max_prompt_batch=settings.prompt_batch_size)
+    runtime = Runtime(predictor=predictor,
                       model_name=model.model_name, fingerprint=model.fingerprint, family=model.family,
                       device=device, dtype=settings.evf_sam_dtype, checkpoint=checkpoint)
     log.info("loaded %s (%s) on %s/%s in %.1f s", runtime.model_name, runtime.fingerprint, device,

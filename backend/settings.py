@@ -42,6 +42,10 @@ class Settings(BaseSettings):
     evf_sam_dtype: Literal["float32", "float16", "bfloat16"] = Field("float32", validation_alias="EVF_SAM_DTYPE")
     embedding_cache_size: int = Field(32, ge=0, validation_alias="EMBEDDING_CACHE_SIZE",
                                       description="Image embeddings kept per worker (LRU) so new prompts skip the encoder.")
+    image_batch_size: int = Field(8, ge=1, validation_alias="IMAGE_BATCH_SIZE",
+                                  description="Images per image-encoder pass.")
+    prompt_batch_size: int = Field(64, ge=1, validation_alias="PROMPT_BATCH_SIZE",
+                                   description="Prompts per BEiT-3/decoder pass.")
 
     # --- HTTP server ----------------------------------------------------------------------------------------------
     host: str = Field("0.0.0.0", validation_alias="HOST")
