@@ -17,15 +17,15 @@ FIRST_POSITION = 2  # fairseq convention: position ids start at 2
 
 
 class Multiway(nn.Module):
-    """Two copies of a module: `A` for positions before `split`, `B` for the rest (along dim 1)."""
+    """Two copies of a module: `A` applied to the image tokens, `B` to the text tokens."""
 
     def __init__(self, make: type[nn.Module] | object, *args: object) -> None:
         super().__init__()
         self.A = make(*args)
         self.B = make(*args)
 
-    def forward(self, x: torch.Tensor, split: int) -> torch.Tensor:
-        return torch.cat([self.A(x[:, :split]), self.B(x[:, split:])], dim=1)
+    def forward(self, image: torch.Tensor, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.A(image), self.B(text)
 
 
 class FeedForward(nn.Module):
@@ -55,17 +55,19 @@ class SelfAttention(nn.Module):
         self.out_proj = Multiway(nn.Linear, dim, dim)
         self.inner_attn_ln = Multiway(nn.LayerNorm, dim, LN_EPS)
 
-    def forward(self, x: torch.Tensor, keep: torch.Tensor | None, split: int) -> torch.Tensor:
-        """x [B,N,D]; keep [B,1,1,N] bool (True = real token) or None."""
-        b, n, d = x.shape
+    def forward(self, image: torch.Tensor, text: torch.Tensor,
+                keep: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """image [B,N,D], text [B,L,D]; keep [B,1,1,N+L] bool (True = real token) or None."""
+        b, n, d = image.shape
 
-        def heads(t: torch.Tensor) -> torch.Tensor:
-            return t.view(b, n, self.heads, d // self.heads).transpose(1, 2)
+        def heads(proj: Multiway) -> torch.Tensor:
+            joint = torch.cat(proj(image, text), dim=1)
+            return joint.view(b, joint.shape[1], self.heads, d // self.heads).transpose(1, 2)
 
-        q, k, v = (heads(proj(x, split)) for proj in (self.q_proj, self.k_proj, self.v_proj))
-        attn = F.scaled_dot_product_attention(q, k, v, attn_mask=keep)
-        attn = attn.transpose(1, 2).reshape(b, n, d)
-        return self.out_proj(self.inner_attn_ln(attn, split), split)
+        attn = F.scaled_dot_product_attention(heads(self.q_proj), heads(self.k_proj), heads(self.v_proj),
+                                              attn_mask=keep)
+        attn = attn.transpose(1, 2).reshape(b, -1, d)
+        return self.out_proj(*self.inner_attn_ln(attn[:, :n], attn[:, n:]))
 
 
 class EncoderLayer(nn.Module):
@@ -78,9 +80,12 @@ class EncoderLayer(nn.Module):
         self.ffn = Multiway(FeedForward, dim, ffn_dim)
         self.final_layer_norm = Multiway(nn.LayerNorm, dim, LN_EPS)
 
-    def forward(self, x: torch.Tensor, keep: torch.Tensor | None, split: int) -> torch.Tensor:
-        x = x + self.self_attn(self.self_attn_layer_norm(x, split), keep, split)
-        return x + self.ffn(self.final_layer_norm(x, split), split)
+    def forward(self, image: torch.Tensor, text: torch.Tensor,
+                keep: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        attn_image, attn_text = self.self_attn(*self.self_attn_layer_norm(image, text), keep)
+        image, text = image + attn_image, text + attn_text
+        ffn_image, ffn_text = self.ffn(*self.final_layer_norm(image, text))
+        return image + ffn_image, text + ffn_text
 
 
 class Encoder(nn.Module):
@@ -148,22 +153,19 @@ class BEiT3(nn.Module):
 
     def forward(self, pixels: torch.Tensor, input_ids: torch.Tensor,
                 attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        vision = self.vision_embed(pixels)
+        image = self.vision_embed(pixels)
         text = self.text_embed(input_ids)
         if text.shape[1] > self.max_text_tokens:
             raise ValueError(f"text of {text.shape[1]} tokens is longer than the {self.max_text_tokens} supported")
-        split = vision.shape[1]
         positions = self.encoder.embed_positions
-        vision = vision + positions.A.weight[FIRST_POSITION:FIRST_POSITION + split]
+        image = image + positions.A.weight[FIRST_POSITION:FIRST_POSITION + image.shape[1]]
         text = text + positions.B.weight[FIRST_POSITION:FIRST_POSITION + text.shape[1]]
-        x = torch.cat([vision, text], dim=1)
 
         keep = None
         if attention_mask is not None:
             real = attention_mask.to(torch.bool)
-            real = torch.cat([real.new_ones(real.shape[0], split), real], dim=1)
-            x = x * real.unsqueeze(-1).to(x.dtype)
-            keep = real[:, None, None, :]
+            text = text * real.unsqueeze(-1).to(text.dtype)  # padded positions start as zeros
+            keep = torch.cat([real.new_ones(real.shape[0], image.shape[1]), real], dim=1)[:, None, None, :]
         for layer in self.encoder.layers:
-            x = layer(x, keep, split)
-        return self.encoder.layer_norm(x, split)
+            image, text = layer(image, text, keep)
+        return torch.cat(self.encoder.layer_norm(image, text), dim=1)
