@@ -158,10 +158,11 @@ def valid_queries(objects: list[SceneObject], side: int) -> list[tuple[dict[str,
             memo[key] = matches(attrs, objs)
         return memo[key]
 
-    seen: set[str] = set()
+    seen: set[tuple] = set()
 
     def add(query: dict[str, Any], weight: float) -> None:
-        key = repr(sorted(query.items()))
+        key = (query["kind"], frozenset(query["attrs"].items()), query.get("side", query.get("order")),
+               query.get("relation"), frozenset(query.get("ref", {}).items()))
         if key in seen:
             return
         seen.add(key)
