@@ -95,6 +95,20 @@ def test_masks_are_visible_parts_disjoint_and_sizes_vary():
     assert len(sizes) == len(INDICES)
 
 
+def test_solid_objects_are_painted_exactly_where_their_masks_are():
+    checked = 0
+    for index in INDICES:
+        scene, _ = make_example(4, "train", index)
+        for obj, mask in zip(scene.objects, scene.masks):
+            if obj.texture != "solid":
+                continue
+            pixels = scene.image[mask].astype(int)
+            colour = np.median(pixels, axis=0)
+            assert np.abs(pixels - colour).max() <= 25  # colour + pixel noise only: no background inside the mask
+            checked += 1
+    assert checked >= 3
+
+
 def test_dataset_on_disk_matches_the_generator(tmp_path):
     records = generate_dataset(tmp_path, 4, seed=2, split="val", semantic_ratio=0.5, progress=False)
     generate_dataset(tmp_path, 2, seed=2, split="train", progress=False)
