@@ -54,16 +54,17 @@ def build_parser() -> argparse.ArgumentParser:
                     "model_version, predict the rest (Redis: chunks on the batch queue for the workers; embedded: "
                     "in this process) and write the predictions back. Needs LABEL_STUDIO_URL and "
                     "LABEL_STUDIO_API_KEY."))
-    commands.add_parser("corrections", help="not available yet", add_help=False)
+    from backend.corrections import cli as corrections_cli
+
+    corrections_cli.add_arguments(commands.add_parser(
+        "corrections", help="report on or train from the collected corrections (CORRECTIONS_DIR)",
+        description="Annotators' corrections of our predictions, collected from Label Studio webhooks."))
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the process exit status."""
     argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] == "corrections":
-        print(f"python -m backend {argv[0]}: not available yet", file=sys.stderr)
-        return 2
     args = build_parser().parse_args(argv)
     try:
         settings = Settings()
@@ -80,6 +81,10 @@ def main(argv: list[str] | None = None) -> int:
         uvicorn.run(create_app(settings), host=args.host or settings.host, port=args.port or settings.port,
                     log_level=settings.log_level.lower(), timeout_graceful_shutdown=5)
         return 0
+    if args.command == "corrections":
+        from backend.corrections.cli import run_cli as run_corrections
+
+        return run_corrections(args, settings)
     if args.command == "prelabel":
         from backend.prelabel import run_cli
 

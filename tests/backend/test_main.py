@@ -1,4 +1,4 @@
-"""`python -m backend`: help, configuration errors and not-yet-available commands answer clearly."""
+"""`python -m backend`: help, configuration errors and sub-command help answer clearly."""
 
 from __future__ import annotations
 
@@ -31,6 +31,8 @@ def test_invalid_configuration_is_reported_without_a_traceback(base_env):
     assert "PREDICT_TIMEOUT" in result.stderr and "Traceback" not in result.stderr
 
 
-def test_later_commands_say_they_are_not_available_yet():
-    result = run("corrections", "report")
-    assert result.returncode == 2 and "not available yet" in result.stderr
+def test_prelabel_and_corrections_commands_explain_themselves():
+    result = run("corrections", "--help")
+    assert result.returncode == 0 and "report" in result.stdout and "train" in result.stdout
+    result = run("prelabel", "--help")
+    assert result.returncode == 0 and "--project" in result.stdout
