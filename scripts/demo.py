@@ -58,11 +58,11 @@ def ensure_project(ls: LabelStudioClient, files: Path, state: dict, image_count:
         return state["project"]
     project = ls.create_project(PROJECT_TITLE, LABEL_CONFIG.read_text(),
                                 description="Sample images pre-labelled by EVF-SAM from text prompts")["id"]
-    samples = make_samples(files / "samples", count=image_count)
-    ls.add_local_storage(project, files / "samples", title="demo samples")
-    ls.import_tasks(project, [{"data": {"image": f"/data/local-files/?d=samples/{sample.image.name}",
+    samples = make_samples(files / "samples", count=image_count, expressions=2)
+    ls.add_local_storage(project, files / "samples" / "images", title="demo samples")
+    ls.import_tasks(project, [{"data": {"image": f"/data/local-files/?d=samples/images/{sample.image.name}",
                                         "prompt": sample.prompts}} for sample in samples])
-    print(f"demo: created project {project} with {len(samples)} sample images")
+    print(f"demo: created project {project} with {len(samples)} synthetic images (evf_sam.data.synthetic)")
     return project
 
 

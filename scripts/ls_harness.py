@@ -371,36 +371,27 @@ class BackendServer:
 
 @dataclass(frozen=True)
 class Sample:
-    """One sample image with a ground-truth mask and a prompt per label."""
+    """One synthetic image with, per label, the prompts naming its objects and their ground-truth mask."""
 
     image: Path
-    masks: dict[str, Any]  # label -> bool np.ndarray (H, W)
-    prompts: dict[str, str]  # label -> prompt
+    prompts: dict[str, list[str]]  # label (as in label_config.xml) -> prompts; a task's `data.prompt`
+    masks: dict[str, Any]  # label -> bool np.ndarray (H, W), union of the objects its prompts name
 
 
-def make_samples(out_dir: Path, count: int = 4, size: tuple[int, int] = (160, 120)) -> list[Sample]:
-    """Draw `count` PNGs of a white circle and a grey square on black, with their masks."""
+def make_samples(out_dir: Path, count: int, *, expressions: int = 1, seed: int = 0) -> list[Sample]:
+    """`count` synthetic PNG scenes (evf_sam.data.synthetic) in `out_dir/images`; labels are the named shapes."""
     import numpy as np
-    from PIL import Image, ImageDraw
+    from PIL import Image
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    width, height = size
-    samples = []
-    for index in range(count):
-        rng = np.random.default_rng(index)
-        canvas = Image.new("L", size, 0)
-        draw = ImageDraw.Draw(canvas)
-        radius = int(rng.integers(15, 25))
-        cx, cy = int(rng.integers(radius + 2, width // 2 - 2)), int(rng.integers(radius + 2, height - radius - 2))
-        side = int(rng.integers(25, 40))
-        sx, sy = int(rng.integers(width // 2 + 2, width - side - 2)), int(rng.integers(2, height - side - 2))
-        circle, square = Image.new("L", size, 0), Image.new("L", size, 0)
-        ImageDraw.Draw(circle).ellipse((cx - radius, cy - radius, cx + radius, cy + radius), fill=255)
-        ImageDraw.Draw(square).rectangle((sx, sy, sx + side - 1, sy + side - 1), fill=255)
-        draw.bitmap((0, 0), circle, fill=235)
-        draw.bitmap((0, 0), square, fill=140)
-        path = out_dir / f"sample_{index:02d}.png"
-        canvas.convert("RGB").save(path)
-        samples.append(Sample(path, {"Circle": np.asarray(circle) > 0, "Square": np.asarray(square) > 0},
-                              {"Circle": "the white circle", "Square": "the grey square"}))
-    return samples
+    from evf_sam.data.synthetic import generate_dataset
+
+    records = generate_dataset(out_dir, count, seed, "demo", expressions=expressions, semantic_ratio=0.0,
+                               min_side=160, max_side=320, image_format="png", progress=False)
+    grouped: dict[str, Sample] = {}
+    for record in records:
+        sample = grouped.setdefault(record.image, Sample(out_dir / record.image, {}, {}))
+        label = record.label.capitalize()
+        mask = np.asarray(Image.open(out_dir / record.mask)) > 127
+        sample.prompts.setdefault(label, []).append(record.prompt)
+        sample.masks[label] = sample.masks[label] | mask if label in sample.masks else mask
+    return list(grouped.values())

@@ -33,26 +33,30 @@ def chromium() -> Path:
 
 
 @pytest.fixture(scope="module")
-def prelabelled_task(ls: LabelStudioClient, label_config: str, document_root: Path) -> tuple[int, int, np.ndarray]:
-    """(project, task, mask): a task whose prediction is the brush RLE of the sample's circle, labelled Circle."""
+def prelabelled_task(ls: LabelStudioClient, label_config: str,
+                     document_root: Path) -> tuple[int, int, str, np.ndarray]:
+    """(project, task, label, mask): a task whose prediction is the brush RLE of a synthetic image's ground-truth
+    mask. The image is made grey, so the label-coloured overlay is the only colour on the canvas."""
     sample = make_samples(document_root / "browser", count=1)[0]
+    Image.open(sample.image).convert("L").convert("RGB").save(sample.image)
     project = ls.create_project("browser check", label_config)["id"]
-    ls.add_local_storage(project, document_root / "browser")
-    task = ls.import_tasks(project, [{"data": {"image": f"/data/local-files/?d=browser/{sample.image.name}"}}])[0]
-    mask = sample.masks["Circle"]
+    ls.add_local_storage(project, document_root / "browser" / "images")
+    image = f"/data/local-files/?d=browser/images/{sample.image.name}"
+    task = ls.import_tasks(project, [{"data": {"image": image}}])[0]
+    label, mask = next(iter(sample.masks.items()))
     height, width = mask.shape
-    region = {"id": "circle-0001", "from_name": "tag", "to_name": "image", "type": "brushlabels",
+    region = {"id": "region-0001", "from_name": "tag", "to_name": "image", "type": "brushlabels",
               "original_width": width, "original_height": height, "image_rotation": 0,
-              "value": {"format": "rle", "rle": rle.encode(mask), "brushlabels": ["Circle"]}}
+              "value": {"format": "rle", "rle": rle.encode(mask), "brushlabels": [label]}}
     ls.create_prediction(task, [region], score=0.9, model_version="browser-check")
-    return project, task, mask
+    return project, task, label, mask
 
 
 def test_prelabelled_task_shows_the_labelled_brush_region(
-        chromium: Path, label_studio: LabelStudioServer, prelabelled_task: tuple[int, int, np.ndarray]) -> None:
+        chromium: Path, label_studio: LabelStudioServer, prelabelled_task: tuple[int, int, str, np.ndarray]) -> None:
     from playwright.sync_api import sync_playwright
 
-    project, task, mask = prelabelled_task
+    project, task, label, mask = prelabelled_task
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=str(chromium), headless=True,
                                              args=["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"])
@@ -67,7 +71,7 @@ def test_prelabelled_task_shows_the_labelled_brush_region(
 
             region = page.locator(".lsf-outliner-item__title").first
             region.wait_for(timeout=60_000)
-            assert region.inner_text().strip() == "Circle"
+            assert region.inner_text().strip() == label
 
             canvas = page.locator("canvas").first
             canvas.wait_for(timeout=30_000)
@@ -82,7 +86,7 @@ def test_prelabelled_task_shows_the_labelled_brush_region(
     pixels = np.asarray(Image.open(io.BytesIO(shot)).convert("RGB")).astype(int)
     x0, y0 = int(box["x"]), int(box["y"])
     view = pixels[y0:y0 + int(box["height"]), x0:x0 + int(box["width"])]
-    painted = (view[..., 0] - view[..., 1] > 60) & (view[..., 0] - view[..., 2] > 60)  # the sample image is grey
+    painted = view.max(axis=-1) - view.min(axis=-1) > 25  # coloured: the overlay (the image itself is grey)
     scale = box["width"] / mask.shape[1]
     expected = mask.sum() * scale * scale
     assert 0.7 * expected < painted.sum() < 1.3 * expected, (painted.sum(), expected)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from backend.label_config import parse
+from evf_sam.data.scenes import SHAPES
 from scripts.ls_harness import LabelStudioClient, LabelStudioError
 
 pytestmark = pytest.mark.e2e
@@ -33,6 +34,6 @@ def test_project_from_config_round_trips(ls: LabelStudioClient, label_config: st
     assert theirs[ours.from_name]["labels"] == ours.labels
     for label, attrs in theirs[ours.from_name]["labels_attrs"].items():
         assert attrs["prompt"] in ours.label_prompts[label]
-    assert {"Circle", "Square", "Triangle", "Car"} <= set(ours.labels)
+    assert {shape.capitalize() for shape in SHAPES} | {"Person", "Car"} <= set(ours.labels)  # demo data + everyday
     assert theirs["prompt"] == {**theirs["prompt"], "type": "TextArea", "to_name": [ours.to_name]}
     assert ours.textareas == ["prompt"]
