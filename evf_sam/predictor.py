@@ -9,6 +9,7 @@ runs once over all prompts of the call (right-padded with an attention mask), th
 from __future__ import annotations
 
 import hashlib
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -66,7 +67,8 @@ class EvfPredictor:
     `cache_size` images keep their embeddings (0 disables the cache); at most `max_image_batch` images go through
     the image encoder at once and at most `max_prompt_batch` prompts through BEiT-3 and the decoder.
     `preprocess_device` None runs preprocessing on the CPU (the reference path); "model" runs its float steps on the
-    model's device.
+    model's device (uint8 uploads, faster for large images on a GPU; equal up to float rounding of the resizes).
+    Calls are serialised by a lock, so one predictor may be shared by threads.
     """
 
     def __init__(self, model: Any, cache_size: int = 32, max_image_batch: int = 8, max_prompt_batch: int = 64,
@@ -75,6 +77,8 @@ class EvfPredictor:
             raise ValueError("cache_size must be >= 0, max_image_batch and max_prompt_batch >= 1")
         if preprocess_device not in (None, "model"):
             raise ValueError(f"preprocess_device must be None or 'model', got {preprocess_device!r}")
+        if getattr(model, "tokenizer", None) is None:
+            raise ValueError("the model has no tokenizer attached: load it with evf_sam.load_model")
         self.model = model
         self.cache_size = cache_size
         self.max_image_batch = max_image_batch
@@ -83,6 +87,7 @@ class EvfPredictor:
         self._cache: OrderedDict[str, _Encoded] = OrderedDict()
         self._hits = 0
         self._misses = 0
+        self._lock = threading.Lock()
 
     @property
     def device(self) -> torch.device:
@@ -98,8 +103,9 @@ class EvfPredictor:
 
     def clear_cache(self) -> None:
         """Drop every cached embedding and reset the counters."""
-        self._cache.clear()
-        self._hits = self._misses = 0
+        with self._lock:
+            self._cache.clear()
+            self._hits = self._misses = 0
 
     def predict(self, image: ImageInput, prompts: Sequence[str], semantic: bool = False) -> list[Prediction]:
         """One image (path, PIL image or uint8 RGB array [H,W,3]) and its prompts -> one Prediction per prompt."""
@@ -113,11 +119,16 @@ class EvfPredictor:
         (multitask checkpoints only). Raises ImageError / PromptError naming the offending item.
         """
         images, prompt_lists = self._check_items(items)
-        prompts = [p for plist in prompt_lists for p in plist]
         model = self.model
-        input_ids, attention_mask = tokenize(model.tokenizer, prompts, model.max_text_tokens, semantic=semantic,
-                                             multitask=model.is_multitask)
+        input_ids, attention_mask = tokenize(model.tokenizer, [p for plist in prompt_lists for p in plist],
+                                             model.max_text_tokens, semantic=semantic, multitask=model.is_multitask)
         keys = [image_key(image) for image in images]
+        with self._lock:
+            return self._predict(images, keys, prompt_lists, input_ids, attention_mask)
+
+    def _predict(self, images: list[np.ndarray], keys: list[str], prompt_lists: list[list[str]],
+                 input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list[list[Prediction]]:
+        model = self.model
         with torch.inference_mode():
             encoded = self._encode_images(images, keys)
             unique = list(encoded)
@@ -126,7 +137,7 @@ class EvfPredictor:
             features = ImageFeatures.cat([encoded[key].features for key in unique])
             beit = torch.stack([encoded[key].beit_pixels for key in unique])
             low_res, scores = [], []
-            for start in range(0, len(prompts), self.max_prompt_batch):
+            for start in range(0, input_ids.shape[0], self.max_prompt_batch):
                 rows = slice(start, start + self.max_prompt_batch)
                 length = int(attention_mask[rows].sum(dim=1).max())
                 tokens = model.encode_prompts(beit.index_select(0, image_index[rows]),

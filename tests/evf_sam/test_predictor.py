@@ -269,3 +269,34 @@ def test_sam2_matches_sam2_image_predictor(multitask: bool, tiny_model) -> None:
     for index, result in enumerate(ours):
         np.testing.assert_allclose(result.logits, full[index].numpy(), atol=1e-4, rtol=0)
         assert result.score == pytest.approx(float(iou[index, 0]), abs=1e-4)
+
+
+def test_preprocessing_on_the_model_device_matches_the_reference_path(tiny_model) -> None:
+    # On a CPU model both paths run the same kernels; on CUDA they agree up to float rounding of the resizes.
+    for family, multitask in VARIANTS:
+        model = tiny_model(family, multitask)
+        image = shapes_image(70, 100)
+        reference = EvfPredictor(model).predict(image, PROMPTS[:1])[0]
+        on_device = EvfPredictor(model, preprocess_device="model").predict(image, PROMPTS[:1])[0]
+        np.testing.assert_allclose(on_device.logits, reference.logits, atol=1e-5, rtol=0)
+
+
+def test_threads_can_share_a_predictor(tiny_model) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    predictor = EvfPredictor(tiny_model("sam"), cache_size=2)
+    images = [shapes_image(40, 50, seed=s) for s in range(4)]
+    expected = [EvfPredictor(tiny_model("sam"), cache_size=0).predict(image, PROMPTS[:1])[0] for image in images]
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda image: predictor.predict(image, PROMPTS[:1])[0], images * 2))
+    for result, reference in zip(results, expected * 2):
+        np.testing.assert_array_equal(result.mask, reference.mask)
+    stats = predictor.cache_stats()
+    assert stats.hits + stats.misses == 8 and stats.size == 2
+
+
+def test_constructor_rejects_bad_settings(tiny_model) -> None:
+    with pytest.raises(ValueError, match="cache_size"):
+        EvfPredictor(tiny_model("sam"), cache_size=-1)
+    with pytest.raises(ValueError, match="preprocess_device"):
+        EvfPredictor(tiny_model("sam"), preprocess_device="cuda")

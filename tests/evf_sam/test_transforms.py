@@ -154,7 +154,8 @@ def test_sam2_head_is_a_uint8_stretch_then_normalise() -> None:
     expected = normalize_sam(F.interpolate(as_uint8, (128, 128), mode="bilinear", align_corners=False)[0].float())
     assert torch.equal(prepared.pixels, expected)
     float_stretch = F.interpolate(as_uint8.float(), (128, 128), mode="bilinear", align_corners=False)[0]
-    unnormalised = prepared.pixels * torch.tensor(SAM_PIXEL_STD)[:, None, None] + torch.tensor(SAM_PIXEL_MEAN)[:, None, None]
+    std, mean = torch.tensor(SAM_PIXEL_STD)[:, None, None], torch.tensor(SAM_PIXEL_MEAN)[:, None, None]
+    unnormalised = prepared.pixels * std + mean
     assert (unnormalised - float_stretch.round()).abs().max() <= 1.001  # fixed-point uint8 kernel: within +-1
 
 
