@@ -128,6 +128,9 @@ class Settings(BaseSettings):
     # --- corrections ----------------------------------------------------------------------------------------------
     corrections_dir: Path = Field(Path("corrections"), validation_alias="CORRECTIONS_DIR",
                                   description="Dataset directory where annotators' corrections are collected.")
+    checkpoints_dir: Path = Field(Path("checkpoints"), validation_alias="CHECKPOINTS_DIR",
+                                  description="Where checkpoints fine-tuned on the corrections and the training "
+                                              "decisions (training.json) are written.")
 
     @field_validator("label_studio_url")
     @classmethod

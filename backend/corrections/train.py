@@ -1,0 +1,212 @@
+"""Fine-tune on the collected corrections and promote the result only if it is better.
+
+`python -m backend corrections train` or the `START_TRAINING` webhook:
+
+1. snapshot the corrections dataset (hard links, so captures running meanwhile change nothing) with a deterministic
+   held-out slice: an image goes to `val` when the hash of its content hash falls below `holdout` (all regions of an
+   image stay on one side). `deleted` records (empty masks of removed regions) are left out of training;
+2. evaluate the active checkpoint on the held-out slice (cIoU / gIoU through the predictor, `evf_sam.evaluate`);
+3. fine-tune it with `evf_sam.train.train` into `CHECKPOINTS_DIR/<name>`;
+4. evaluate the new checkpoint the same way; promote it only when gIoU improves (ties keep the old one);
+5. record the decision and both numbers in `CHECKPOINTS_DIR/training.json` (`/health` can show it) and, when promoted,
+   publish the new checkpoint path in Redis (`<prefix>:active_checkpoint`) for workers to reload between jobs. The new
+   weights have a new fingerprint, hence a new `model_version`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import shutil
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from backend.corrections.capture import CorrectionsStore
+from backend.errors import BackendError, BadRequest
+from backend.settings import Settings, get_settings
+from evf_sam.data import layout
+
+log = logging.getLogger(__name__)
+
+DECISIONS_FILE = "training.json"
+TRAIN_JOB = "backend.corrections.train.run_training_job"
+TRAINING_TIMEOUT = 6 * 3600
+
+
+class TrainingBusy(BackendError):
+    """Another training run holds the lock."""
+
+    status = 409
+    code = "training_running"
+
+
+def checkpoints_dir(settings: Settings) -> Path:
+    """Where fine-tuned checkpoints and the decision log live (CHECKPOINTS_DIR)."""
+    return Path(settings.checkpoints_dir)
+
+
+def active_key(settings: Settings) -> str:
+    """Redis key holding the path of the promoted checkpoint (workers compare it with theirs between jobs)."""
+    return f"{settings.redis_key_prefix}:active_checkpoint"
+
+
+def decisions(settings: Settings) -> dict[str, Any]:
+    """The decision log: `{"active": path | None, "runs": [...]}` (what /health can show)."""
+    path = checkpoints_dir(settings) / DECISIONS_FILE
+    return json.loads(path.read_text()) if path.is_file() else {"active": None, "runs": []}
+
+
+def active_checkpoint(settings: Settings) -> str:
+    """The checkpoint to fine-tune from and serve: the last promoted one, else EVF_SAM_CHECKPOINT."""
+    promoted = decisions(settings).get("active")
+    return promoted if promoted and Path(promoted).is_dir() else settings.checkpoint
+
+
+def in_holdout(key: str, holdout: float) -> bool:
+    """Deterministic held-out membership from a stable key (an image's content hash)."""
+    return int(hashlib.sha256(key.encode()).hexdigest()[:8], 16) / 2**32 < holdout
+
+
+def snapshot(corrections_dir: Path, out: Path, holdout: float) -> dict[str, int]:
+    """Copy the usable records into `out` (files hard-linked) with split train/val; returns the counts."""
+    records = [r for r in CorrectionsStore(corrections_dir).records() if r.extra.get("kind") != "deleted"]
+    rows, counts = [], {"train": 0, "val": 0}
+    for record in records:
+        split = "val" if in_holdout(record.image_hash or record.image, holdout) else "train"
+        for path in (record.image, record.mask):
+            _link(corrections_dir / path, out / path)
+        rows.append(layout.Record.from_dict({**record.to_dict(), "split": split}))
+        counts[split] += 1
+    layout.write_records(out, rows)
+    return counts
+
+
+def _link(source: Path, target: Path) -> None:
+    if target.exists():
+        return
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)
+
+
+def _scores(checkpoint: str, data: Path, device: str) -> dict[str, float]:
+    from evf_sam.evaluate import evaluate
+
+    result = evaluate(checkpoint, data, split="val", device=device, progress=False)["splits"]["val"]
+    return {"ciou": round(float(result["ciou"]), 6), "giou": round(float(result["giou"]), 6),
+            "pairs": int(result["pairs"])}
+
+
+@contextlib.contextmanager
+def _training_lock(directory: Path) -> Iterator[None]:
+    directory.mkdir(parents=True, exist_ok=True)
+    with open(directory / ".training.lock", "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise TrainingBusy("a training run is already in progress") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _device(settings: Settings) -> str:
+    if settings.evf_sam_device != "auto":
+        return settings.evf_sam_device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def train_from_corrections(settings: Settings | None = None, *, corrections_dir: str | Path | None = None,
+                           steps: int = 200, holdout: float = 0.2, min_records: int = 8, batch_size: int = 8,
+                           redis: Any = None) -> dict[str, Any]:
+    """Evaluate, fine-tune, evaluate, promote if better (module docstring). Returns the recorded decision."""
+    settings = settings or get_settings()
+    source = Path(corrections_dir or settings.corrections_dir)
+    root = checkpoints_dir(settings)
+    if not 0 < holdout < 1:
+        raise BadRequest("holdout must be between 0 and 1", field="holdout")
+    with _training_lock(root):
+        name = f"evf-ft-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
+        work = root / "runs" / name
+        counts = snapshot(source, work / "data", holdout)
+        if counts["train"] + counts["val"] < min_records or not counts["train"] or not counts["val"]:
+            shutil.rmtree(work, ignore_errors=True)
+            raise BadRequest(f"not enough corrections to train: {counts['train']} train / {counts['val']} held-out "
+                             f"record(s) in {source} (need {min_records} in total and both sides non-empty)",
+                             code="not_enough_corrections", field="CORRECTIONS_DIR")
+        from evf_sam.train import train
+
+        base = active_checkpoint(settings)
+        device = _device(settings)
+        started = time.time()
+        before = _scores(base, work / "data", device)
+        result = train(base, work / "data", root / name, train_split="train", val_split=None, max_steps=steps,
+                       batch_size=batch_size, warmup_steps=max(1, steps // 10), device=device, progress=False)
+        after = _scores(str(result.checkpoint), work / "data", device)
+        promoted = after["giou"] > before["giou"]
+        decision = {"checkpoint": str(result.checkpoint), "base": base, "promoted": promoted,
+                    "before": before, "after": after, "steps": result.steps, "records": counts,
+                    "seconds": round(time.time() - started, 1), "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ",
+                                                                                            time.gmtime())}
+        log_ = decisions(settings)
+        log_["runs"].append(decision)
+        if promoted:
+            log_["active"] = str(result.checkpoint.resolve())
+        else:
+            shutil.rmtree(result.checkpoint, ignore_errors=True)  # keep the numbers, not the weights
+        layout.atomic_write_bytes(root / DECISIONS_FILE, json.dumps(log_, indent=2).encode())
+        shutil.rmtree(work, ignore_errors=True)
+        if promoted and redis is not None:
+            redis.set(active_key(settings), log_["active"])
+        log.info("training %s: gIoU %.4f -> %.4f, %s", name, before["giou"], after["giou"],
+                 "promoted" if promoted else "kept the active checkpoint")
+        return decision
+
+
+def run_training_job(payload: dict[str, Any]) -> dict[str, Any]:
+    """RQ job (long timeout) behind START_TRAINING."""
+    from backend.queueing import redis_connection
+
+    settings = get_settings()
+    redis = redis_connection(settings) if settings.redis_url else None
+    return train_from_corrections(settings, steps=int(payload.get("steps", 200)), redis=redis)
+
+
+def on_start_training(event: dict[str, Any]) -> dict[str, Any]:
+    """Webhook job for START_TRAINING: queue the training run with a long timeout (Redis) or start a thread."""
+    settings = get_settings()
+    payload = {"steps": int((event.get("extra_params") or {}).get("train_steps", 200))}
+    if settings.redis_url is None:
+        threading.Thread(target=_train_logged, args=(payload,), name="evf-training", daemon=True).start()
+        return {"status": "started"}
+    from rq import Callback, Queue
+
+    from backend.queueing import BATCH, make_queues, on_job_failure, redis_connection
+
+    queue = make_queues(settings, redis_connection(settings))[BATCH]
+    job = queue.enqueue_many([Queue.prepare_data(TRAIN_JOB, args=(payload,), timeout=TRAINING_TIMEOUT,
+                                                 result_ttl=settings.failure_ttl, failure_ttl=settings.failure_ttl,
+                                                 on_failure=Callback(on_job_failure),
+                                                 description="train from corrections")])[0]
+    return {"status": "queued", "job_id": job.id}
+
+
+def _train_logged(payload: dict[str, Any]) -> None:
+    try:
+        run_training_job(payload)
+    except BackendError as error:
+        log.warning("training not run: %s", error.message)
+    except Exception:  # noqa: BLE001 - a background thread must report, not vanish
+        log.exception("training failed")
