@@ -97,7 +97,7 @@ def _run(args: argparse.Namespace) -> int:
     checkpoint = args.checkpoint or default_checkpoint()
     if checkpoint is None:
         raise EvfError(f"no checkpoint: pass --checkpoint DIR_OR_REPO or set EVF_SAM_CHECKPOINT "
-                       f"(the demo model {DEMO_CHECKPOINT} is not there; `make demo` trains/ships it)")
+                       f"(the shipped demo model {DEMO_CHECKPOINT} is missing)")
     device, dtype = _device_and_dtype(args.device, args.dtype)
 
     import evf_sam

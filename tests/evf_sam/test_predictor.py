@@ -13,7 +13,7 @@ from PIL import Image
 from evf_sam.errors import ImageError, PromptError
 from evf_sam.modeling import ImageFeatures
 from evf_sam.predictor import EvfPredictor, Prediction, image_key
-from evf_sam.transforms import beit_input, tokenize
+from evf_sam.transforms import beit_input, sam_input, tokenize
 from tests.evf_sam.conftest import shapes_image
 
 # (family, multitask): SAM-1, SAM-2 "legacy" (evf-sam2) and SAM-2 "head" (-multitask) paths.
@@ -211,6 +211,8 @@ def test_sam1_matches_segment_anything_predictor(size, tiny_model) -> None:
     theirs = SamPredictor(sam)
     theirs.set_image(image)
     with torch.inference_mode():
+        mine = model.encode_images(sam_input(image, model.sam_image_size, "sam").pixels[None])
+        assert torch.equal(mine.embeddings, theirs.features)  # identical input tensor -> identical features
         tokens = _tokens(model, image, prompts)
         low, _ = model.decode_masks(ImageFeatures(theirs.get_image_embedding()), tokens, torch.zeros(2).long())
         dense = sam.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(
