@@ -5,6 +5,7 @@ Runs a real `python -m backend serve` in Redis mode (which never loads the model
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -74,8 +75,14 @@ def test_webhook_needs_the_secret_header_not_basic_auth(guarded):
 
 
 def test_webhook_queues_known_events_and_acknowledges_unknown_ones(open_server, redis_db, no_worker_env):
-    queued = httpx.post(open_server.url + "/webhook", json={"action": "START_TRAINING", "project": {"id": 7}})
-    assert queued.status_code == 200 and queued.json()["status"] == "queued"
+    timings = []
+    with httpx.Client() as client:  # one client: creating one costs ~100 ms of TLS setup, not server time
+        for _ in range(5):
+            started = time.perf_counter()
+            queued = client.post(open_server.url + "/webhook", json={"action": "START_TRAINING", "project": {"id": 7}})
+            timings.append(time.perf_counter() - started)
+            assert queued.status_code == 200 and queued.json()["status"] == "queued"
+    print(f"/webhook acknowledged (job queued in Redis): median {sorted(timings)[2] * 1000:.1f} ms of 5")
     batch_queue = no_worker_env["QUEUE_BATCH"]
     assert queued.json()["job_id"].encode() in redis_db.client().lrange(f"rq:queue:{batch_queue}", 0, -1)
     unknown = httpx.post(open_server.url + "/webhook", json={"action": "LABEL_LINK_CREATED", "project": 7})
@@ -121,13 +128,15 @@ def test_unknown_routes_and_methods_are_json(open_server):
 
 
 def test_health_reports_mode_queues_and_redis(open_server, no_worker_env):
-    started = time.perf_counter()
-    body = httpx.get(open_server.url + "/health").json()
-    elapsed = time.perf_counter() - started
+    with httpx.Client() as client:
+        client.get(open_server.url + "/health")
+        started = time.perf_counter()
+        body = client.get(open_server.url + "/health").json()
+        elapsed = time.perf_counter() - started
     assert body["status"] == "UP"
     assert body["mode"] == "redis" and body["redis"] == "up"
     assert set(body["queues"]) == {no_worker_env["QUEUE_INTERACTIVE"], no_worker_env["QUEUE_BATCH"]}
-    print(f"/health answered in {elapsed * 1000:.1f} ms")
+    print(f"/health answered in {elapsed * 1000:.1f} ms (machine load {os.getloadavg()[0]:.1f})")
 
 
 def test_health_reports_redis_down_instead_of_hanging(start_server, base_env):
