@@ -126,9 +126,12 @@ class SamInput:
 
 
 def resized_shape(height: int, width: int, long_side: int) -> tuple[int, int]:
-    """(h',w') with the longest side scaled to `long_side`, rounded as `int(x * s + 0.5)`."""
+    """(h',w') with the longest side scaled to `long_side`, rounded as `int(x * s + 0.5)`.
+
+    A side that would round to 0 (aspect ratios beyond 2*long_side : 1, where the official code fails) becomes 1.
+    """
     scale = long_side * 1.0 / max(height, width)
-    return int(height * scale + 0.5), int(width * scale + 0.5)
+    return max(1, int(height * scale + 0.5)), max(1, int(width * scale + 0.5))
 
 
 def resize_longest_side(image: np.ndarray, long_side: int) -> np.ndarray:

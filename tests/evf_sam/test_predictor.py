@@ -302,3 +302,11 @@ def test_constructor_rejects_bad_settings(tiny_model) -> None:
         EvfPredictor(tiny_model("sam"), cache_size=-1)
     with pytest.raises(ValueError, match="preprocess_device"):
         EvfPredictor(tiny_model("sam"), preprocess_device="cuda")
+
+
+def test_extreme_aspect_ratios_and_tiny_images(tiny_model) -> None:
+    for family, multitask in VARIANTS:
+        predictor = EvfPredictor(tiny_model(family, multitask))
+        for shape in [(1, 1, 3), (2, 900, 3), (700, 1, 3)]:
+            result = predictor.predict(np.full(shape, 128, dtype=np.uint8), PROMPTS[:1])[0]
+            assert result.mask.shape == shape[:2]

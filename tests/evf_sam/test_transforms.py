@@ -112,6 +112,7 @@ def test_bad_files_raise_image_error(tmp_path: Path) -> None:
     (333, 1000, 1024, (341, 1024)),  # 340.99 -> 341
     (1000, 5, 128, (128, 1)),     # 0.64 -> 1
     (64, 64, 128, (128, 128)),
+    (1, 5000, 128, (1, 128)),     # 0.03 -> 0 would be an empty image: kept at 1
 ])
 def test_resized_shape_rounds_half_up(height: int, width: int, long_side: int, expected) -> None:
     assert resized_shape(height, width, long_side) == expected
