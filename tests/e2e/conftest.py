@@ -9,8 +9,10 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+from backend import rle
 from scripts.ls_harness import (
     LABEL_CONFIG,
     REPO,
@@ -28,6 +30,25 @@ from scripts.ls_harness import (
 from tests.backend.conftest import RedisDB, redis_db  # noqa: F401 - the session's Redis DB, shared fixture
 
 DEMO_MODEL = REPO / "models" / "evf-demo"
+
+
+def iou(a: np.ndarray, b: np.ndarray) -> float:
+    """Intersection over union of two bool masks (1.0 when both are empty)."""
+    union = np.logical_or(a, b).sum()
+    return float(np.logical_and(a, b).sum() / union) if union else 1.0
+
+
+def regions_by_label(result: list[dict], size: tuple[int, int]) -> dict[str, np.ndarray]:
+    """Decode brush regions (checking their shape against the image) into one mask per label."""
+    width, height = size
+    masks: dict[str, np.ndarray] = {}
+    for region in result:
+        assert (region["type"], region["from_name"], region["to_name"]) == ("brushlabels", "tag", "image")
+        assert (region["original_width"], region["original_height"]) == (width, height)
+        [label] = region["value"]["brushlabels"]
+        mask = rle.decode(region["value"]["rle"], height, width)
+        masks[label] = masks.get(label, np.zeros_like(mask)) | mask
+    return masks
 
 
 @pytest.fixture(scope="session")

@@ -11,9 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from backend import rle
 from scripts.ls_harness import BackendServer, LabelStudioClient, LabelStudioError, Sample, make_samples
-from tests.e2e.conftest import BASIC_AUTH, DEMO_MODEL
+from tests.e2e.conftest import BASIC_AUTH, DEMO_MODEL, iou, regions_by_label
 
 pytestmark = pytest.mark.e2e
 NEEDS_DEMO_MODEL = "IoU needs the trained demo model (models/evf-demo is absent: running a tiny random checkpoint)"
@@ -24,11 +23,6 @@ class ShapesProject:
     project: int
     backend: int  # LS's id of the connected ML backend
     samples: dict[int, Sample]  # task id -> sample
-
-
-def iou(a: np.ndarray, b: np.ndarray) -> float:
-    union = np.logical_or(a, b).sum()
-    return float(np.logical_and(a, b).sum() / union) if union else 1.0
 
 
 @pytest.fixture(scope="module")
@@ -50,19 +44,6 @@ def shapes(ls: LabelStudioClient, label_config: str, document_root: Path, backen
         by_task[task] = sample
     connected = ls.connect_backend(project, backend.url, basic_auth=BASIC_AUTH)
     return ShapesProject(project, connected["id"], by_task)
-
-
-def regions_by_label(result: list[dict], size: tuple[int, int]) -> dict[str, np.ndarray]:
-    """Decode brush regions (checking their shape against the image) into one mask per label."""
-    width, height = size
-    masks: dict[str, np.ndarray] = {}
-    for region in result:
-        assert (region["type"], region["from_name"], region["to_name"]) == ("brushlabels", "tag", "image")
-        assert (region["original_width"], region["original_height"]) == (width, height)
-        [label] = region["value"]["brushlabels"]
-        mask = rle.decode(region["value"]["rle"], height, width)
-        masks[label] = masks.get(label, np.zeros_like(mask)) | mask
-    return masks
 
 
 def test_retrieve_predictions_stores_labelled_masks(ls: LabelStudioClient, shapes: ShapesProject,
