@@ -32,8 +32,9 @@ def test_health_in_redis_mode_reports_the_workers_model(rq_stack, tiny_checkpoin
     assert body["model_name"] == tiny_checkpoint.name and body["device"] == "cpu"
 
 
-def test_interactive_jobs_overtake_a_full_batch_queue(rq_stack, image_server):
-    url = rq_stack.server.url
+@pytest.mark.parametrize("mode", ["redis", "embedded"])
+def test_interactive_jobs_overtake_a_full_batch_queue(mode, rq_stack, embedded_server, image_server):
+    url = rq_stack.server.url if mode == "redis" else embedded_server.url
     assert httpx.post(url + "/setup", json=setup_body()).status_code == 200
     delay = 0.6
     batch = [task(i, image_server.image_url("red.png", delay=delay)) for i in range(1, 9)]  # 8 > 4: batch queue
@@ -122,3 +123,17 @@ def test_burst_worker_drains_queued_webhook_events_and_exits(own_queues, start_s
     job = Job.fetch(job_id, connection=redis_db.client(), serializer=JSONSerializer)
     assert job.get_status() == "finished"
     assert job.return_value()["annotation"] == 12 and job.return_value()["action"] == "ANNOTATION_CREATED"
+
+
+def test_tasks_past_the_deadline_get_empty_predictions_and_queued_ones_are_cancelled(rq_stack, start_server,
+                                                                                     image_server, redis_db):
+    server = start_server({**rq_stack.env, "PREDICT_TIMEOUT": "2"})
+    httpx.post(server.url + "/setup", json=setup_body())
+    slow = [task(i, image_server.image_url("red.png", delay=3)) for i in (51, 52)]
+    started = time.monotonic()
+    results = httpx.post(server.url + "/predict", json=predict_body(slow), timeout=30).json()["results"]
+    assert time.monotonic() - started < 10
+    assert [r["result"] for r in results] == [[], []] and all(r["model_version"] for r in results)
+    assert 'evf_task_failures_total{reason="timeout"} 2.0' in httpx.get(server.url + "/metrics").text
+    canceled = redis_db.client().zcard(f"rq:canceled:{rq_stack.env['QUEUE_INTERACTIVE']}")
+    assert canceled >= 1  # the second task never started: cancelled, not left for a worker
