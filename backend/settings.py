@@ -79,7 +79,7 @@ class Settings(BaseSettings):
     result_ttl: int = Field(600, ge=1, validation_alias="RESULT_TTL", description="Seconds job results stay in Redis.")
     failure_ttl: int = Field(7 * 24 * 3600, ge=1, validation_alias="FAILURE_TTL",
                              description="Seconds failed jobs (with their reason) stay in Redis.")
-    embedded_queue_size: int = Field(256, ge=1, validation_alias="EMBEDDED_QUEUE_SIZE",
+    embedded_queue_size: int = Field(1000, ge=1, validation_alias="EMBEDDED_QUEUE_SIZE",
                                      description="Embedded mode: jobs waiting at most; more -> 503.")
     worker_heartbeat_interval: float = Field(
         5.0, gt=0, validation_alias="WORKER_HEARTBEAT_INTERVAL",
