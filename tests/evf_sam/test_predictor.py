@@ -127,15 +127,18 @@ def test_new_images_are_encoded_in_batches_of_at_most_max_image_batch(tiny_model
 def test_low_precision_masks_agree_with_fp32(family: str, dtype: str, tiny_model) -> None:
     # Only the single-mask paths: with random weights the -multitask ("head") path picks the best of three
     # candidate masks by predicted IoUs that differ by ~1e-3, so bf16 rounding legitimately flips that choice.
+    # The random tiny SAM-2 marks ~96 % of this picture as foreground (SAM-1: ~72 %), so the background IoU is
+    # checked too (measured 0.979-0.998; the minority class makes each flipped pixel count more).
     image = shapes_image(96, 128)
     reference = EvfPredictor(tiny_model(family)).predict(image, PROMPTS)
     low = EvfPredictor(tiny_model(family, dtype=dtype)).predict(image, PROMPTS)
     for ref, result in zip(reference, low):
         assert result.logits.dtype == np.float32
-        assert 0.02 < ref.mask.mean() < 0.999  # a meaningful mask, not all background
+        assert 0.02 < ref.mask.mean() < 0.98  # a meaningful mask, neither empty nor full
         iou = (ref.mask & result.mask).sum() / (ref.mask | result.mask).sum()
-        assert iou >= 0.98
-        assert np.corrcoef(ref.logits.ravel(), result.logits.ravel())[0, 1] > 0.99
+        background_iou = (~ref.mask & ~result.mask).sum() / (~ref.mask | ~result.mask).sum()
+        assert iou >= 0.98 and background_iou >= 0.95
+        assert np.corrcoef(ref.logits.ravel(), result.logits.ravel())[0, 1] > 0.999
 
 
 def test_exif_transposed_inputs_give_masks_at_the_displayed_size(tiny_model, tmp_path: Path) -> None:
