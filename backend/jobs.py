@@ -20,7 +20,7 @@ import hashlib
 import logging
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +44,8 @@ class Runtime:
     device: str
     dtype: str
     checkpoint: str
+    # The predictor (its embedding cache) is not thread-safe; embedded mode and in-process callers share it.
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def info(self) -> dict[str, str]:
         """What /health and the worker registry report about the model."""
@@ -127,10 +129,11 @@ def predict_task(payload: dict[str, Any]) -> dict[str, Any]:
     groups = payload["images"]
     images = [fetcher.fetch(group["url"], task_id=task_id) for group in groups]
     # Arrays, not PIL images: the fetcher already applied the EXIF orientation, the predictor must not redo it.
-    batches = runtime.predictor.predict_batch(
-        [(np.asarray(image), [request["prompt"] for request in group["requests"]])
-         for image, group in zip(images, groups)],
-        semantic=bool(options.get("semantic", False)))
+    with runtime.lock:
+        batches = runtime.predictor.predict_batch(
+            [(np.asarray(image), [request["prompt"] for request in group["requests"]])
+             for image, group in zip(images, groups)],
+            semantic=bool(options.get("semantic", False)))
 
     regions: list[dict[str, Any]] = []
     for image, group, predictions in zip(images, groups, batches):
