@@ -103,10 +103,18 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def backend_env(label_studio: LabelStudioServer, ls_pat: str, redis_db: RedisDB, checkpoint: Path) -> dict[str, str]:
+def corrections_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """CORRECTIONS_DIR of the session's backend (a dataset in the evf_sam.data.layout format)."""
+    return tmp_path_factory.mktemp("corrections")
+
+
+@pytest.fixture(scope="session")
+def backend_env(label_studio: LabelStudioServer, ls_pat: str, redis_db: RedisDB, checkpoint: Path,
+                corrections_dir: Path) -> dict[str, str]:
     """Queue mode on the session's Redis DB; Basic auth on; images fetched from LS with the PAT (no local reads)."""
     return backend_environment(
         **redis_db.env(), LABEL_STUDIO_URL=label_studio.url, LABEL_STUDIO_API_KEY=ls_pat,
+        CORRECTIONS_DIR=str(corrections_dir),
         EVF_SAM_CHECKPOINT=str(checkpoint), EVF_SAM_DEVICE="cpu", OMP_NUM_THREADS="1",
         BASIC_AUTH_USER=BASIC_AUTH[0], BASIC_AUTH_PASS=BASIC_AUTH[1], PREDICT_TIMEOUT="80",
         WORKER_POLL_SECONDS="1")
