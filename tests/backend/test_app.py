@@ -161,3 +161,14 @@ def test_the_server_module_does_not_import_torch():
     code = "import sys, backend.app, backend.__main__; print(sorted({'torch', 'evf_sam.loading'} & set(sys.modules)))"
     output = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert output.strip() == "[]"
+
+
+def test_secrets_never_reach_the_server_log(guarded):
+    httpx.get(guarded.url + "/health", auth=AUTH)
+    httpx.get(guarded.url + "/health", auth=(AUTH[0], "wrong-" + AUTH[1]))
+    httpx.post(guarded.url + "/setup", json=setup_body(), auth=AUTH)  # carries LS's access_token
+    httpx.post(guarded.url + "/webhook", json={"action": "X"}, headers={"X-Webhook-Secret": SECRET})
+    log = guarded.log()
+    assert "backend ready" in log
+    for secret in (AUTH[1], SECRET, "creator-legacy-token"):
+        assert secret not in log
