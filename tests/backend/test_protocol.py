@@ -139,3 +139,17 @@ def test_health_answers_within_ls_timeout_while_the_model_is_busy(server, image_
     timings.sort()
     print(f"/health idle median {idle[5] * 1000:.1f} ms; while busy (n={len(timings)}) median "
           f"{timings[len(timings) // 2] * 1000:.1f} ms, max {timings[-1] * 1000:.1f} ms")
+
+
+def test_a_plain_brush_control_gets_unlabelled_brush_regions(server, image_server):
+    config = """<View><Image name="img" value="$picture"/><Brush name="paint" toName="img"/>
+                <TextArea name="ask" toName="img"/></View>"""
+    body = predict_body([{"id": 61, "data": {"picture": image_server.image_url("small.png")}}],
+                        context={"result": [{"from_name": "ask", "to_name": "img", "type": "textarea",
+                                             "value": {"text": ["the square"]}}]}, label_config=config)
+    [prediction] = predict(server, body)
+    assert prediction["result"]
+    for region in prediction["result"]:
+        assert (region["type"], region["from_name"], region["to_name"]) == ("brush", "paint", "img")
+        assert "brushlabels" not in region["value"]
+        assert rle.decode(region["value"]["rle"], 32, 40).any()
