@@ -1,6 +1,7 @@
 """HTTP routes of the Label Studio ML backend: parse the request, call the model class, answer JSON.
 
-Routes: GET /health, POST /setup, POST /predict, POST /webhook, GET /versions, GET /metrics.
+Routes: GET /health, POST /setup, POST /predict, POST /webhook, GET /versions, GET /metrics, POST /jobs/prelabel,
+GET /jobs/{id}.
 HTTP Basic auth guards every route but /webhook (LS sends webhooks without credentials), which checks
 WEBHOOK_SECRET in its own header. Every error is JSON `{"error", "message", "field"}`, mapped in `error_response`.
 """
@@ -35,7 +36,7 @@ from backend.settings import Settings, get_settings
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-ROUTES = ("/health", "/setup", "/predict", "/webhook", "/versions", "/metrics")
+ROUTES = ("/health", "/setup", "/predict", "/webhook", "/versions", "/metrics", "/jobs/prelabel")
 
 
 class PredictRequest(BaseModel):
@@ -150,7 +151,9 @@ def create_app(settings: Settings | None = None, dispatcher: Dispatcher | None =
         dispatcher: Dispatcher = request.app.state.dispatcher
         stats = dispatcher.stats() if dispatcher.redis is None else await blocking(dispatcher.stats, control_slots)
         model = stats.get("model")
-        return {"status": "UP", "model_class": EvfSamBackend.__name__,
+        from backend.corrections.train import training_status
+
+        return {"status": "UP", "model_class": EvfSamBackend.__name__, "training": training_status(settings),
                 "model_name": model.get("model_name") if model else None,
                 "model_version": f"{model['model_name']}-{model['fingerprint'][:8]}" if model else None,
                 "device": model.get("device") if model else None, **stats}
@@ -208,6 +211,35 @@ def create_app(settings: Settings | None = None, dispatcher: Dispatcher | None =
             return backend_for(request, project_id, None).fit(event["action"], event)
 
         return await blocking(queue_event, control_slots)
+
+    @app.post("/jobs/prelabel", status_code=202)
+    async def start_prelabel(request: Request) -> dict[str, Any]:
+        """Start bulk pre-labelling of a project (body: project, prompts, filter, task_ids, chunk_size)."""
+        from backend import prelabel
+
+        try:
+            body = json.loads(await request.body())
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise BadRequest(f"request body is not valid JSON: {error}", status=400, code="malformed_json",
+                             field="body") from error
+        job = prelabel.PrelabelRequest.from_json(body)
+        dispatcher: Dispatcher = request.app.state.dispatcher
+        job_id = await blocking(lambda: prelabel.submit(settings, job, dispatcher.redis,
+                                                        predict=prelabel.predict_via(dispatcher, settings)),
+                                control_slots)
+        return {"job_id": job_id, "status": "queued", "status_url": f"/jobs/{job_id}"}
+
+    @app.get("/jobs/{job_id}")
+    async def job_status(job_id: str, request: Request) -> dict[str, Any]:
+        """Progress of a prelabel job: done / failed (with reasons) / skipped / remaining."""
+        from backend import prelabel
+
+        report = await blocking(lambda: prelabel.status(settings, job_id, request.app.state.dispatcher.redis),
+                                control_slots)
+        if report is None:
+            raise BadRequest(f"no job {job_id!r} (job state is kept for 7 days)", status=404, code="not_found",
+                             field="job_id")
+        return report
 
     @app.get("/versions")
     async def versions(request: Request) -> dict[str, list[str]]:

@@ -178,7 +178,8 @@ def _region(region_id: str, to_name: str, request: dict[str, Any], mask: np.ndar
 
 
 def record_event(event: dict[str, Any]) -> dict[str, Any]:
-    """Webhook stub: log what arrived and return a summary (corrections capture replaces this later)."""
+    """Webhook job: log what arrived, hand it to its handler (corrections capture, auto pre-labelling, training) and
+    return a summary with the handler's outcome."""
     annotation = event.get("annotation")
     summary = {
         "action": event.get("action"),
@@ -188,6 +189,19 @@ def record_event(event: dict[str, Any]) -> dict[str, Any]:
         "received_at": event.get("received_at"),
     }
     log.info("webhook event recorded: %s", summary)
+    action = event.get("action")
+    if action in ("ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATIONS_CREATED", "ANNOTATIONS_DELETED"):
+        from backend.corrections.capture import handle_event
+
+        summary["outcome"] = handle_event(event)
+    elif action == "TASKS_CREATED":
+        from backend.prelabel import on_tasks_created
+
+        summary["outcome"] = on_tasks_created(event)
+    elif action == "START_TRAINING":
+        from backend.corrections.train import on_start_training
+
+        summary["outcome"] = on_start_training(event)
     return summary
 
 

@@ -469,17 +469,34 @@ def start_run(settings: Settings, request: PrelabelRequest, client: LabelStudioC
 
 
 def run_inline(settings: Settings, the_plan: Plan, job_id: str, state: JobState, client: LabelStudioClient,
-               chunk_size: int, *, redis: Any = None, on_progress: Callable[[], None] = lambda: None) -> None:
+               chunk_size: int, *, redis: Any = None, on_progress: Callable[[], None] = lambda: None,
+               predict: Callable[[dict[str, Any]], dict[str, Any]] | None = None) -> None:
     """Run the plan's chunks one after another in this process (embedded mode, or a webhook job in a worker, where
-    `redis` makes the claims visible to other runs)."""
+    `redis` makes the claims visible to other runs). `predict` defaults to `backend.jobs.predict_task`."""
     from backend import jobs
 
     claims = Claims(redis, settings.redis_key_prefix, ttl=settings.job_timeout + 60)
     for chunk in the_plan.chunks(chunk_size):
         process_chunk({"job_id": job_id, "project": the_plan.project, "model_version": the_plan.model_version,
-                       "tasks": chunk}, state=state, claims=claims, client=client, predict=jobs.predict_task,
-                      retries=settings.job_retries)
+                       "tasks": chunk}, state=state, claims=claims, client=client,
+                      predict=predict or jobs.predict_task, retries=0 if predict else settings.job_retries)
         on_progress()
+
+
+def predict_via(dispatcher: Any, settings: Settings) -> Callable[[dict[str, Any]], dict[str, Any]] | None:
+    """Embedded server: predict through its dispatcher (one model user at a time, retries included); None with
+    Redis, where chunks go to the workers."""
+    if dispatcher.redis is not None:
+        return None
+    from backend.model import PREDICT_JOB
+
+    def predict(payload: dict[str, Any]) -> dict[str, Any]:
+        [outcome] = dispatcher.run(PREDICT_JOB, [payload], interactive=False, timeout=settings.job_timeout)
+        if not outcome.ok:
+            raise BackendError(outcome.message, status=422, code=outcome.error)
+        return outcome.value
+
+    return predict
 
 
 def run_plan(payload: dict[str, Any]) -> dict[str, Any]:
@@ -502,8 +519,10 @@ def state_for(settings: Settings, redis: Any) -> JobState:
     return _embedded_state if redis is None else JobState(redis, settings.redis_key_prefix)
 
 
-def submit(settings: Settings, request: PrelabelRequest, redis: Any) -> str:
-    """Start a prelabel job in the background; returns its id at once."""
+def submit(settings: Settings, request: PrelabelRequest, redis: Any, *,
+           predict: Callable[[dict[str, Any]], dict[str, Any]] | None = None) -> str:
+    """Start a prelabel job in the background (Redis: planned by a worker; embedded: a thread predicting with
+    `predict`); returns its id at once."""
     job_id = f"prelabel-{uuid.uuid4().hex[:12]}"
     state = state_for(settings, redis)
     state.create(job_id, status="queued", project=request.project, request=request.to_json())
@@ -522,7 +541,7 @@ def submit(settings: Settings, request: PrelabelRequest, redis: Any) -> str:
         try:
             with make_client(settings) as client:
                 the_plan = start_run(settings, request, client, state, job_id)
-                run_inline(settings, the_plan, job_id, state, client, request.chunk_size)
+                run_inline(settings, the_plan, job_id, state, client, request.chunk_size, predict=predict)
         except BackendError as error:
             log.error("prelabel %s failed: %s", job_id, error.message)
         except Exception as error:  # noqa: BLE001 - reported in the job state, never lost in a thread

@@ -103,6 +103,8 @@ class CorrectionsStore:
     def remove(self, annotation_ids: list[int], *, tombstone: bool = True) -> int:
         """Drop the annotations' records (and their mask files); returns how many records went."""
         ids = set(annotation_ids)
+        if not tombstone and not (self.root / layout.RECORDS_FILE).is_file():
+            return 0
         with self.locked():
             old = self.records()
             kept = [r for r in old if r.annotation_id not in ids]
@@ -284,7 +286,15 @@ def capture_annotation(annotation: dict[str, Any], task: dict[str, Any], ctx: Ca
     to_names = {str(r.get("to_name", "")) for r in result + list((prediction or {}).get("result") or [])
                 if isinstance(r, dict) and r.get("type") in BRUSH_TYPES}
     records: list[layout.Record] = []
+    if not to_names and not any(r.annotation_id == annotation_id for r in ctx.store.records()):
+        return {"annotation": annotation_id, "status": "nothing to record",
+                "reason": "no brush regions and no prediction"}
     if to_names:
+        if not isinstance(task.get("data"), dict):
+            if ctx.client is None:
+                raise BadRequest(f"annotation {annotation_id}: the webhook carries no task data and the Label Studio "
+                                 "API is not configured (LABEL_STUDIO_URL, LABEL_STUDIO_API_KEY)", field="task")
+            task = ctx.client.get_task(task_id)
         records = _records_for(annotation, task, prediction, sorted(to_names), ctx, label_config, extra_params)
     if not ctx.store.replace(annotation_id, updated_at, records):
         for record in records:  # this version lost the race: its mask files are nobody's
@@ -347,14 +357,25 @@ def _records_for(annotation: dict[str, Any], task: dict[str, Any], prediction: d
 
 # --- webhook entry points ----------------------------------------------------------------------------------------
 
+_contexts: dict[int, CaptureContext] = {}
+
+
 def context_from_settings(settings: Any = None) -> CaptureContext:
-    """A CaptureContext from the backend settings (LS client only when LABEL_STUDIO_URL and the key are set)."""
-    from backend.ls_auth import LabelStudioAuth
-    from backend.media import ImageFetcher
-    from backend.prelabel import make_client
+    """The process's CaptureContext for the backend settings (LS client only when LABEL_STUDIO_URL and the key are
+    set); made once per settings object."""
     from backend.settings import get_settings
 
     settings = settings or get_settings()
+    if id(settings) not in _contexts:
+        _contexts[id(settings)] = _make_context(settings)
+    return _contexts[id(settings)]
+
+
+def _make_context(settings: Any) -> CaptureContext:
+    from backend.ls_auth import LabelStudioAuth
+    from backend.media import ImageFetcher
+    from backend.prelabel import make_client
+
     client = auth = None
     if settings.label_studio_url and settings.label_studio_api_key:
         client = make_client(settings)
@@ -382,16 +403,12 @@ def handle_event(event: dict[str, Any], ctx: CaptureContext | None = None) -> di
     annotations = event.get("annotation")
     tasks = event.get("task")
     if isinstance(annotations, dict):
-        annotations, tasks = [annotations], [tasks if isinstance(tasks, dict) else {"id": annotations.get("task")}]
+        task = tasks if isinstance(tasks, dict) else {"id": annotations.get("task")}
+        annotations, tasks = [{"task": task.get("id"), **annotations}], [task]
     by_id = {t.get("id"): t for t in tasks or [] if isinstance(t, dict)}
     outcomes = []
     for annotation in annotations or []:
         task = by_id.get(annotation.get("task")) or {"id": annotation.get("task")}
-        if not isinstance(task.get("data"), dict):
-            if ctx.client is None:
-                raise BadRequest(f"annotation {annotation.get('id')}: the webhook carries no task data and the LS "
-                                 "API is not configured", field="task")
-            task = ctx.client.get_task(int(annotation["task"]))
         outcomes.append(capture_annotation(annotation, task, ctx, label_config=label_config,
                                            extra_params=event.get("extra_params")))
     return {"action": action, "annotations": outcomes}

@@ -63,6 +63,16 @@ def decisions(settings: Settings) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.is_file() else {"active": None, "runs": []}
 
 
+def training_status(settings: Settings) -> dict[str, Any] | None:
+    """For /health: the promoted checkpoint and the last run's decision and numbers (None before any run)."""
+    log_ = decisions(settings)
+    if not log_["runs"]:
+        return None
+    last = log_["runs"][-1]
+    return {"active_checkpoint": log_["active"], "runs": len(log_["runs"]),
+            "last_run": {key: last[key] for key in ("checkpoint", "promoted", "before", "after", "finished_at")}}
+
+
 def active_checkpoint(settings: Settings) -> str:
     """The checkpoint to fine-tune from and serve: the last promoted one, else EVF_SAM_CHECKPOINT."""
     promoted = decisions(settings).get("active")

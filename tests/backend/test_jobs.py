@@ -68,4 +68,6 @@ def test_a_broken_image_raises_a_backend_error(job_env, image_server):
 def test_record_event_summarises_a_webhook():
     summary = jobs.record_event({"action": "ANNOTATION_UPDATED", "annotation": {"id": 5}, "task": {"id": 2},
                                  "project": {"id": 7}, "received_at": 1.0})
+    outcome = summary.pop("outcome")
     assert summary == {"action": "ANNOTATION_UPDATED", "project": 7, "task": 2, "annotation": 5, "received_at": 1.0}
+    assert outcome["annotations"][0]["status"] == "nothing to record"  # no brush regions, no prediction
