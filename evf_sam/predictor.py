@@ -19,8 +19,8 @@ import torch
 
 from evf_sam.errors import ImageError, PromptError
 from evf_sam.modeling.common import ImageFeatures
-from evf_sam.transforms import ImageInput, beit_input, check_prompts, load_image, postprocess_logits, sam_input, \
-    sam_mode, tokenize
+from evf_sam.transforms import (ImageInput, beit_input, check_prompts, load_image, postprocess_logits, sam_input,
+                                sam_mode, tokenize)
 
 
 @dataclass(frozen=True, eq=False)
