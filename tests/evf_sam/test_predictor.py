@@ -236,7 +236,8 @@ def test_sam2_matches_sam2_image_predictor(multitask: bool, tiny_model) -> None:
     `postprocess_masks` give our logits.
 
     Only for an S x S image: `SAM2ImagePredictor` stretches with an antialiased torchvision resize on [0,1] floats,
-    which neither EVF generation does (legacy: PIL longest-side resize + float stretch; head: uint8 stretch).
+    which neither EVF generation does (legacy: PIL longest-side resize + float stretch; head: uint8 stretch, whose
+    fixed-point rounding differs by up to one grey level even where antialias has no effect, i.e. when upscaling).
     At S x S every resize is the identity, so all three preprocessings reduce to the same normalisation (theirs on
     [0,1], ours on 0-255: equal up to float rounding). `_bb_feat_sizes` is hard-coded for 1024 inputs upstream.
     """
