@@ -169,3 +169,20 @@ def test_request_validation_and_task_id_ranges_name_the_field() -> None:
 def test_missing_label_studio_settings_are_explained(base_env) -> None:
     result = run_cli(base_env, "--project", "1", timeout=60)
     assert result.returncode == 2 and "LABEL_STUDIO_URL" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_embedded_server_prelabels_through_its_own_dispatcher(ls, model_env, start_server) -> None:
+    import httpx
+
+    tasks = add_tasks(ls, 4, 3)
+    server = start_server({**model_env, "LABEL_STUDIO_URL": ls.url, "LABEL_STUDIO_API_KEY": TOKEN})
+    answer = httpx.post(server.url + "/jobs/prelabel", json={"project": 4, "chunk_size": 2})
+    assert answer.status_code == 202, answer.text
+    deadline = time.monotonic() + 120
+    while (report := httpx.get(server.url + answer.json()["status_url"]).json())["status"] != "finished":
+        assert time.monotonic() < deadline, report
+        time.sleep(0.3)
+    assert (report["done"], report["failed"], report["remaining"]) == (3, 0, 0)
+    assert all(len(v) == 1 for v in versions_per_task(ls, tasks).values())
+    health = httpx.get(server.url + "/health").json()
+    assert health["status"] == "UP" and "training" in health
