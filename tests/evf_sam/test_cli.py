@@ -157,3 +157,21 @@ def test_overlay_blends_half_in_the_prompt_colour() -> None:
                                             ("ça va / 2", "a-va-2"), ("x" * 80, "x" * 40)])
 def test_slug(text: str, expected: str) -> None:
     assert slug(text) == expected
+
+
+def test_no_checkpoint_anywhere_is_a_clear_error(picture: Path, tmp_path: Path, monkeypatch, capsys) -> None:
+    from evf_sam import cli_predict
+
+    monkeypatch.delenv("EVF_SAM_CHECKPOINT", raising=False)
+    monkeypatch.setattr(cli_predict, "DEMO_CHECKPOINT", tmp_path / "models" / "evf-demo")
+    code = cli.main(["predict", "--image", str(picture), "--prompt", "circle", "--out", str(tmp_path / "out")])
+    _assert_one_line_error(code, capsys.readouterr().err, "no checkpoint: pass --checkpoint")
+
+
+def test_unusable_device_is_a_clear_error(tiny_checkpoint, picture: Path, tmp_path: Path, capsys) -> None:
+    import torch
+
+    device = "cpu:x" if torch.cuda.is_available() else "cuda"
+    code = cli.main(["predict", "--checkpoint", str(tiny_checkpoint("sam")), "--image", str(picture),
+                     "--prompt", "circle", "--device", device, "--out", str(tmp_path)])
+    _assert_one_line_error(code, capsys.readouterr().err, device)
