@@ -24,7 +24,7 @@ COPY models ./models
 COPY label_config.xml ./
 
 RUN useradd --create-home --uid 1000 app \
-    && mkdir -p /cache/huggingface /data/corrections \
+    && mkdir -p /cache/huggingface /data/corrections /data/checkpoints \
     && chown -R app /cache /data
 USER app
 

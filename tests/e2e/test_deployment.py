@@ -67,7 +67,8 @@ def test_workers_reserve_a_gpu_and_share_the_model_cache(compose_config: dict) -
     mounts = {volume["target"]: volume["source"] for volume in worker["volumes"]}
     assert mounts["/cache/huggingface"] == "hf-cache"
     assert mounts["/data/corrections"] == "corrections"
-    assert {"ls-data", "hf-cache", "corrections"} <= set(compose_config["volumes"])
+    assert mounts["/data/checkpoints"] == "checkpoints"
+    assert {"ls-data", "hf-cache", "corrections", "checkpoints"} <= set(compose_config["volumes"])
 
 
 def test_env_example_documents_every_setting() -> None:
