@@ -87,11 +87,12 @@ def _pil_to_rgb(image: Image.Image) -> np.ndarray:
 
 
 def _wide_gray_to_uint8(array: np.ndarray, mode: str) -> np.ndarray:
-    """16-bit / 32-bit grayscale to 8 bits: 16-bit ranges scale by 255/65535, float images are taken as [0,1]."""
+    """Wide grayscale to 8 bits: 16-bit modes scale by 255/65535, 32-bit integers too when they exceed 255,
+    float images are taken as [0,1]."""
     values = array.astype(np.float64)
     if mode == "F":
         values = values * 255.0
-    elif values.max(initial=0) > 255:
+    elif mode.startswith("I;16") or values.max(initial=0) > 255:
         values = values * (255.0 / 65535.0)
     return np.clip(np.rint(values), 0, 255).astype(np.uint8)
 

@@ -66,6 +66,8 @@ def test_grayscale_palette_alpha_cmyk_and_16_bit(tmp_path: Path) -> None:
     path = _save(Image.fromarray(wide), tmp_path / "16bit.png")
     assert Image.open(path).mode.startswith("I")
     assert load_image(path)[0, :, 0].tolist() == [0, 1, 255]
+    dark = _save(Image.fromarray(np.array([[0, 200]], dtype=np.uint16)), tmp_path / "dark16.png")
+    assert load_image(dark)[0, :, 0].tolist() == [0, 1]  # 16-bit scale even when every value is small
 
 
 def test_arrays_are_not_modified_and_read_only_arrays_work() -> None:
