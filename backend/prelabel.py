@@ -609,6 +609,12 @@ def add_arguments(parser: Any) -> None:
     parser.add_argument("--status", metavar="JOB_ID", help="print the state of a job (Redis mode) and exit")
 
 
+def _batch_workers(settings: Settings, redis: Any) -> int:
+    from rq.worker_registration import WORKERS_BY_QUEUE_KEY
+
+    return int(redis.scard(WORKERS_BY_QUEUE_KEY % settings.queue_batch))
+
+
 def parse_task_ids(text: str) -> list[int]:
     """`"1,2,10-12"` -> [1, 2, 10, 11, 12] (BadRequest for anything else)."""
     ids: list[int] = []
@@ -655,6 +661,9 @@ def run_cli(args: Any, settings: Settings) -> int:
             print(f"job {job_id}: project {request.project}, model_version {the_plan.model_version}: "
                   f"{the_plan.listed} task(s) listed, {the_plan.already_predicted} already predicted, "
                   f"{len(the_plan.payloads)} to predict")
+            if redis is not None and not _batch_workers(settings, redis):
+                print(f"warning: no worker is listening on queue '{settings.queue_batch}'; the chunks wait until "
+                      "one starts (python -m backend worker)", file=sys.stderr)
             if redis is not None and args.no_wait:
                 print(f"queued; follow it with: python -m backend prelabel --status {job_id}")
                 return 0

@@ -410,8 +410,21 @@ def handle_event(event: dict[str, Any], ctx: CaptureContext | None = None) -> di
     for annotation in annotations or []:
         task = by_id.get(annotation.get("task")) or {"id": annotation.get("task")}
         outcomes.append(capture_annotation(annotation, task, ctx, label_config=label_config,
-                                           extra_params=event.get("extra_params")))
+                                           extra_params=event.get("extra_params") or _stored_extra_params(project)))
     return {"action": action, "annotations": outcomes}
+
+
+def _stored_extra_params(project: dict[str, Any]) -> dict[str, Any] | None:
+    """The extra_params LS sent to /setup for this project (kept in Redis by the server), for prompt lookup."""
+    from backend.model import ProjectStore
+    from backend.queueing import redis_connection
+    from backend.settings import get_settings
+
+    settings = get_settings()
+    if settings.redis_url is None or not project.get("id"):
+        return None
+    with redis_connection(settings) as redis:
+        return ProjectStore(redis, settings.redis_key_prefix).get(str(project["id"])).get("extra_params")
 
 
 def _newer(candidate: str | None, stored: str | None) -> bool:
