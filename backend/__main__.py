@@ -74,13 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     if args.command == "serve":
-        import uvicorn
-
-        from backend.app import create_app
-
-        uvicorn.run(create_app(settings), host=args.host or settings.host, port=args.port or settings.port,
-                    log_level=settings.log_level.lower(), timeout_graceful_shutdown=5)
-        return 0
+        return _serve(args, settings)
     if args.command == "corrections":
         from backend.corrections.cli import run_cli as run_corrections
 
@@ -93,8 +87,32 @@ def main(argv: list[str] | None = None) -> int:
         print("python -m backend worker needs REDIS_URL (without it, `serve` runs the jobs itself)", file=sys.stderr)
         return 2
     from backend.worker import run_worker
+    from evf_sam.errors import EvfError
 
-    return run_worker(settings, burst=args.burst, name=args.name)
+    try:
+        return run_worker(settings, burst=args.burst, name=args.name)
+    except EvfError as error:
+        print(f"cannot load the model: {error}", file=sys.stderr)
+        return 1
+
+
+def _serve(args: argparse.Namespace, settings: Settings) -> int:
+    import uvicorn
+
+    from backend.app import create_app
+    from evf_sam.errors import EvfError
+
+    if settings.embedded:  # load the weights before listening; a bad checkpoint is one clear line, not a traceback
+        from backend.jobs import get_runtime
+
+        try:
+            get_runtime(settings)
+        except EvfError as error:
+            print(f"cannot load the model: {error}", file=sys.stderr)
+            return 1
+    uvicorn.run(create_app(settings), host=args.host or settings.host, port=args.port or settings.port,
+                log_level=settings.log_level.lower(), timeout_graceful_shutdown=5)
+    return 0
 
 
 if __name__ == "__main__":

@@ -36,3 +36,13 @@ def test_prelabel_and_corrections_commands_explain_themselves():
     assert result.returncode == 0 and "report" in result.stdout and "train" in result.stdout
     result = run("prelabel", "--help")
     assert result.returncode == 0 and "--project" in result.stdout
+
+
+def test_a_missing_checkpoint_is_one_clear_line(base_env, tmp_path):
+    for command in (["serve", "--port", "1"], ["worker"]):
+        env = {**base_env, "EVF_SAM_CHECKPOINT": str(tmp_path / "no-such-model")}
+        if command[0] == "worker":
+            env["REDIS_URL"] = "redis://127.0.0.1:6379/15"
+        result = run(*command, env=env)
+        assert result.returncode == 1, result.stderr
+        assert "cannot load the model" in result.stderr and "Traceback" not in result.stderr
