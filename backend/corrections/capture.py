@@ -1,4 +1,5 @@
-"""Corrections capture: turn an annotator's brush masks into dataset records paired with the prediction they started from.
+"""Corrections capture: an annotator's brush masks become dataset records, paired with the prediction they started
+from.
 
 Webhook jobs (ARCHITECTURE §2.3): `ANNOTATION_CREATED` / `ANNOTATION_UPDATED` (and bulk `ANNOTATIONS_CREATED`) record an
 annotation, `ANNOTATIONS_DELETED` removes it. For each annotation:
@@ -9,8 +10,8 @@ annotation, `ANNOTATIONS_DELETED` removes it. For each annotation:
    `accepted` (mask unchanged), `edited` (same region or IoU >= 0.5), `redrawn` (overlapping but IoU < 0.5),
    `deleted` (a predicted region the annotator removed: empty corrected mask), `added` (no predicted counterpart;
    every region of an annotation made without a prediction);
-4. write `images/<hash>.png`, `masks/…png` and one `records.jsonl` line per (annotation, region) in the dataset layout of
-   `evf_sam.data.layout`, atomically and under a file lock (several workers may capture at once).
+4. write `images/<hash>.png`, `masks/…png` and one `records.jsonl` line per (annotation, region) in the dataset layout
+   of `evf_sam.data.layout`, atomically and under a file lock (several workers may capture at once).
 
 Idempotent: records of an annotation are replaced as a whole, only by a newer `updated_at` (duplicate or out-of-order
 webhooks change nothing); a deleted annotation leaves a tombstone so a late update cannot bring it back.
@@ -51,7 +52,8 @@ KINDS = ("accepted", "edited", "redrawn", "deleted", "added")
 # --- the dataset directory ---------------------------------------------------------------------------------------
 
 class CorrectionsStore:
-    """The corrections dataset directory (`CORRECTIONS_DIR`): records, masks, images, tombstones, one writer at a time."""
+    """The corrections dataset directory (`CORRECTIONS_DIR`): records, masks, images, tombstones; one writer at a
+    time."""
 
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)

@@ -2,8 +2,9 @@
 
 In-memory projects, tasks, predictions and annotations; legacy-token auth (`Authorization: Token …`); uploaded files
 under `/data/upload/…`. Faults for retry tests: `fail(path_prefix, status, times)` answers `status` to the next
-`times` matching requests, `fail_after_storing(...)` does the work and then answers `status`, `drop(path_prefix, times)` closes the connection without an answer. `delay` slows writes
-down (to make overlapping runs overlap). Every request is recorded (method, path, query, auth header).
+`times` matching requests, `fail_after_storing(...)` does the work and then answers `status`, `drop(path_prefix,
+times)` closes the connection without an answer. `write_delay` slows writes down (to make overlapping runs overlap).
+Every request is recorded (method, path, query, auth header).
 """
 
 from __future__ import annotations

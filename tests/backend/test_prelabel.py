@@ -72,6 +72,32 @@ def test_embedded_run_predicts_every_task_once_then_rerun_only_does_the_new_ones
     assert all(len(v) == 2 and version in v for v in versions_per_task(ls, tasks).values())
 
 
+def test_interrupted_run_resumes_without_duplicates(ls, model_env) -> None:
+    import signal
+
+    env = {**model_env, "LABEL_STUDIO_URL": ls.url, "LABEL_STUDIO_API_KEY": TOKEN}
+    tasks = add_tasks(ls, 7, 6)
+    ls.write_delay = 0.4
+    run = subprocess.Popen([sys.executable, "-m", "backend", "prelabel", "--project", "7", "--chunk-size", "1"],
+                           cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while sum(bool(ls.predictions_of(t)) for t in tasks) < 2:
+        assert time.monotonic() < deadline and run.poll() is None, run.communicate()
+        time.sleep(0.05)
+    run.send_signal(signal.SIGINT)
+    stdout, _ = run.communicate(timeout=60)
+    assert run.returncode == 130 and "run the same command again to resume" in stdout
+    time.sleep(1.0)  # a write the run had sent before the signal may still be landing (write_delay)
+    finished = sum(bool(ls.predictions_of(t)) for t in tasks)
+    assert 2 <= finished < 6
+
+    ls.write_delay = 0.0
+    again = run_cli(env, "--project", "7")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"6 task(s) listed, {finished} already predicted, {6 - finished} to predict" in again.stdout
+    assert all(len(v) == 1 for v in versions_per_task(ls, tasks).values())
+
+
 def test_rq_overlapping_runs_and_a_lost_write_leave_one_prediction_per_task(ls, model_env, redis_db,
                                                                              start_worker) -> None:
     env = {**model_env, **redis_db.env(), "LABEL_STUDIO_URL": ls.url, "LABEL_STUDIO_API_KEY": TOKEN}
