@@ -73,6 +73,16 @@ def training_status(settings: Settings) -> dict[str, Any] | None:
             "last_run": {key: last[key] for key in ("checkpoint", "promoted", "before", "after", "finished_at")}}
 
 
+def promoted_checkpoint(settings: Settings, redis: Any = None) -> str | None:
+    """The checkpoint promoted by the last successful training (Redis key first, then training.json), or None.
+    Workers compare it with the checkpoint they serve between jobs and reload when it differs."""
+    if redis is not None:
+        value = redis.get(active_key(settings))
+        if value:
+            return value.decode()
+    return decisions(settings).get("active")
+
+
 def active_checkpoint(settings: Settings) -> str:
     """The checkpoint to fine-tune from and serve: the last promoted one, else EVF_SAM_CHECKPOINT."""
     promoted = decisions(settings).get("active")

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from backend.corrections.train import (TrainingBusy, _training_lock, active_checkpoint, active_key, decisions,
-                                       in_holdout, snapshot, train_from_corrections)
+                                       in_holdout, promoted_checkpoint, snapshot, train_from_corrections)
 from backend.errors import BadRequest
 from backend.settings import Settings
 from evf_sam.data import layout
@@ -64,10 +64,11 @@ def test_train_evaluates_before_and_after_and_promotes_only_if_better(settings, 
         import evf_sam
 
         assert active_checkpoint(settings) == log["active"] == redis.get(active_key(settings)).decode()
+        assert promoted_checkpoint(settings, redis) == promoted_checkpoint(settings) == log["active"]
         assert evf_sam.load_model(log["active"]).fingerprint  # loadable, new weights
     else:
         assert log["active"] is None and active_checkpoint(settings) == settings.checkpoint
-        assert redis.get(active_key(settings)) is None
+        assert redis.get(active_key(settings)) is None and promoted_checkpoint(settings, redis) is None
     assert not (settings.checkpoints_dir / "runs").exists() or not any((settings.checkpoints_dir / "runs").iterdir())
 
 
