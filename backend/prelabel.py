@@ -356,9 +356,11 @@ def process_chunk(payload: dict[str, Any], *, state: JobState, claims: Claims, c
 
 def _write(project: int, model_version: str, results: dict[int, dict[str, Any]], *, client: LabelStudioClient,
            state: JobState, job_id: str) -> None:
-    """One `import/predictions` call for the chunk; on failure re-check LS and write only what is still missing."""
+    """One `import/predictions` call for the chunk (an LS without that route: one `POST /api/predictions` per task);
+    on failure re-check LS and write only what is still missing."""
     pending = dict(results)
     error: LabelStudioAPIError | None = None
+    per_item = False
     for attempt in range(WRITE_ATTEMPTS):
         if attempt:
             time.sleep(0.5 * 2 ** (attempt - 1))
@@ -372,11 +374,22 @@ def _write(project: int, model_version: str, results: dict[int, dict[str, Any]],
                 continue
         if not pending:
             return
-        items = [{"task": task_id, **prediction} for task_id, prediction in pending.items()]
         try:
-            client.import_predictions(project, items, retry=False)
+            if per_item:
+                for task_id in list(pending):
+                    prediction = pending[task_id]
+                    client.create_prediction(task_id, prediction["result"], score=prediction.get("score"),
+                                             model_version=prediction.get("model_version"), retry=False)
+                    state.mark(job_id, task_id, "done")
+                    del pending[task_id]
+            else:
+                client.import_predictions(project, [{"task": task_id, **prediction}
+                                                    for task_id, prediction in pending.items()], retry=False)
         except LabelStudioAPIError as write_error:
             error = write_error
+            if not per_item and write_error.http_status in (404, 405):
+                per_item = True
+                continue
             if write_error.status < 500:  # LS rejected the data: the same call would fail again
                 break
             continue

@@ -163,6 +163,20 @@ def test_concurrent_chunks_of_two_runs_claim_each_task_once(ls, redis_db) -> Non
     assert not list(redis.scan_iter(f"{prefix}:prelabel:claim:*"))  # every claim released
 
 
+def test_without_the_bulk_import_route_predictions_are_written_one_by_one(ls, redis_db) -> None:
+    ls.add_project(8, LABEL_CONFIG)
+    tasks = [ls.add_task(8, {"image": "x.png"}) for _ in range(3)]
+    ls.fail("/api/projects/8/import/predictions", 404, times=99)  # an older LS
+    state = JobState()
+    state.create("j", status="running", to_do=3)
+    with LabelStudioClient(ls.url, LabelStudioAuth(ls.url, TOKEN), backoff=0.01) as client:
+        process_chunk({"job_id": "j", "project": 8, "model_version": "mv", "tasks": [{"task_id": t} for t in tasks]},
+                      state=state, claims=Claims(), client=client,
+                      predict=lambda p: {"result": [], "score": 0.1, "model_version": "mv"})
+    assert state.get("j")["done"] == 3 and all(len(ls.predictions_of(t, "mv")) == 1 for t in tasks)
+    assert ls.count("POST", "/api/predictions") == 3
+
+
 def test_job_state_counts_each_task_once_and_done_beats_an_earlier_failure(redis_db) -> None:
     for state in (JobState(redis_db.client(), f"evf-{uuid.uuid4().hex[:6]}"), JobState()):
         state.create("j", status="running", to_do=3)
