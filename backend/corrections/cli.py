@@ -23,10 +23,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     report.add_argument("--worst", type=int, default=8, help="how many worst prompts to show (default 8)")
 
     train = actions.add_parser("train", help="fine-tune on the corrections; promote only if the held-out IoU improves",
-                               description="Split the corrections deterministically (held-out share by record "
+                               description="Split the corrections deterministically (held-out share by image "
                                            "hash), evaluate the active checkpoint, fine-tune it with evf_sam.train, "
-                                           "evaluate again and promote the new checkpoint only if it is better. "
-                                           "Workers pick up a promoted checkpoint between jobs.")
+                                           "evaluate again and promote the new checkpoint only if it is better. The "
+                                           "decision goes to CHECKPOINTS_DIR/training.json (shown by /health); a "
+                                           "promoted checkpoint is also published in Redis (<prefix>:active_checkpoint)"
+                                           ". Serve it with EVF_SAM_CHECKPOINT=<path> (workers do not reload it by "
+                                           "themselves yet).")
     train.add_argument("--dir", help="corrections dataset (default: CORRECTIONS_DIR)")
     train.add_argument("--steps", type=int, default=200, help="training steps (default 200)")
     train.add_argument("--holdout", type=float, default=0.2, help="held-out share (default 0.2)")
@@ -44,8 +47,14 @@ def run_cli(args: argparse.Namespace, settings: Settings) -> int:
             return 0
         from backend.corrections.train import train_from_corrections
 
+        redis = None
+        if settings.redis_url is not None:
+            from backend.queueing import redis_connection
+
+            redis = redis_connection(settings)
         decision: dict[str, Any] = train_from_corrections(settings, corrections_dir=args.dir, steps=args.steps,
-                                                          holdout=args.holdout, min_records=args.min_records)
+                                                          holdout=args.holdout, min_records=args.min_records,
+                                                          redis=redis)
         print(json.dumps(decision, indent=2))
         return 0
     except BackendError as error:

@@ -8,9 +8,10 @@
 2. evaluate the active checkpoint on the held-out slice (cIoU / gIoU through the predictor, `evf_sam.evaluate`);
 3. fine-tune it with `evf_sam.train.train` into `CHECKPOINTS_DIR/<name>`;
 4. evaluate the new checkpoint the same way; promote it only when gIoU improves (ties keep the old one);
-5. record the decision and both numbers in `CHECKPOINTS_DIR/training.json` (`/health` can show it) and, when promoted,
-   publish the new checkpoint path in Redis (`<prefix>:active_checkpoint`) for workers to reload between jobs. The new
-   weights have a new fingerprint, hence a new `model_version`.
+5. record the decision and both numbers in `CHECKPOINTS_DIR/training.json` (`/health` shows it) and, when promoted,
+   publish the new checkpoint path in Redis (`<prefix>:active_checkpoint`, read by `promoted_checkpoint`). Workers do
+   not yet reload it by themselves (that hook belongs in `backend.worker`); until then serve it with
+   `EVF_SAM_CHECKPOINT=<path>`. The new weights have a new fingerprint, hence a new `model_version`.
 """
 
 from __future__ import annotations

@@ -79,3 +79,17 @@ def test_too_few_corrections_and_a_running_training_are_clear_errors(settings) -
     assert raised.value.code == "not_enough_corrections" and "need 8" in raised.value.message
     with _training_lock(settings.checkpoints_dir), pytest.raises(TrainingBusy):
         train_from_corrections(settings, steps=1)
+
+
+def test_cli_explains_when_there_is_too_little_to_train_on(tmp_path, base_env) -> None:
+    import subprocess
+    import sys
+
+    from tests.backend.conftest import REPO
+
+    corrections(tmp_path / "c", images=2)
+    result = subprocess.run([sys.executable, "-m", "backend", "corrections", "train", "--dir", str(tmp_path / "c")],
+                            cwd=REPO, env={**base_env, "CHECKPOINTS_DIR": str(tmp_path / "k")}, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 2 and "not enough corrections to train" in result.stderr
+    assert "Traceback" not in result.stderr
