@@ -12,12 +12,14 @@ import logging
 import os
 import socket
 import threading
+from collections.abc import Callable
 from typing import Any
 
 from redis.exceptions import RedisError
 from rq.job import Job
 from rq.queue import Queue
 from rq.serializers import JSONSerializer
+from rq import worker_registration
 from rq.worker import SimpleWorker, WorkerStatus
 
 from backend.queueing import make_queues, publish_model_info, redis_connection
@@ -31,6 +33,21 @@ class EvfWorker(SimpleWorker):
 
     abandoned_after = 20
     heartbeat_interval = 5.0
+    announce: Callable[[], None] | None = None  # re-publishes the model info (set by run_worker)
+
+    def run_maintenance_tasks(self) -> None:
+        """RQ's registry cleaning, and re-registering this worker and its model when Redis lost them (a restart
+        without persistence): without that the server would answer 503 "no worker" until the worker restarts."""
+        if not self.connection.sismember(self.redis_workers_keys, self.key):
+            self.log.warning("worker %s: missing from Redis (restarted?), registering again", self.name)
+            with self.connection.pipeline() as pipeline:
+                pipeline.hset(self.key, mapping=self.serialize())
+                worker_registration.register(self, pipeline)
+                pipeline.expire(self.key, self.worker_ttl + 60)
+                pipeline.execute()
+            if self.announce is not None:
+                self.announce()
+        super().run_maintenance_tasks()
 
     def get_heartbeat_ttl(self, job: Job, working_time: float = 0.0) -> int:
         """How long the job's StartedJobRegistry entry lives without a new heartbeat."""
@@ -70,7 +87,11 @@ def run_worker(settings: Settings | None = None, *, burst: bool = False, name: s
         log.error("cannot reach Redis (%s): %s", settings.describe()["redis"], error)
         return 1
     runtime = jobs.get_runtime(settings)  # once, before the first job
-    publish_model_info(connection, settings, {**runtime.info(), "worker": name})
+
+    def announce() -> None:
+        publish_model_info(connection, settings, {**runtime.info(), "worker": name})
+
+    announce()
 
     worker = EvfWorker(list(make_queues(settings, connection).values()), name=name, connection=connection,
                        serializer=JSONSerializer, worker_ttl=settings.worker_poll_seconds + 15,
@@ -78,6 +99,7 @@ def run_worker(settings: Settings | None = None, *, burst: bool = False, name: s
                        default_result_ttl=settings.result_ttl)
     worker.abandoned_after = settings.worker_abandoned_after
     worker.heartbeat_interval = settings.worker_heartbeat_interval
+    worker.announce = announce
     log.info("worker %s serving %s with %s on %s", name, worker.queue_names(), runtime.model_name, runtime.device)
     worker.work(burst=burst, logging_level=settings.log_level)
     return 0
