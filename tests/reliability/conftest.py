@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import shutil
+import signal
 import struct
 import subprocess
 import threading
@@ -23,7 +24,7 @@ import redis
 from PIL import Image
 
 from tests.backend.conftest import (  # noqa: F401 - fixtures are registered by importing them here
-    Process, base_env, free_port, image_server, model_env, png_bytes, redis_db, rq_stack, start_server, start_worker,
+    Process, _spawn, base_env, free_port, image_server, model_env, png_bytes, redis_db, rq_stack, start_server, start_worker,
     tiny_checkpoint)
 from tests.backend.http_servers import Request, Server, serve
 
@@ -190,3 +191,22 @@ def serve_at(host: str, server: Server | None = None) -> Iterator[Server]:
         httpd.shutdown()
         httpd.server_close()
         thread.join(5)
+
+
+def spawn_worker(env: dict[str, str], name: str, log_dir: Path, connection: redis.Redis,
+                 ready_timeout: float = 180.0) -> Process:
+    """`python -m backend worker --name NAME`, returned once it registered on `connection` (any Redis, unlike
+    tests/backend's `start_worker`, which watches the shared test DB). The caller stops it."""
+    process = Process(_spawn(["worker", "--name", name], env, log_dir / f"{name}.log"), log_dir / f"{name}.log")
+    deadline = time.monotonic() + ready_timeout
+    while time.monotonic() < deadline:
+        if process.popen.poll() is not None:
+            pytest.fail(f"worker exited with {process.popen.returncode}:\n{process.log()[-3000:]}")
+        try:
+            if connection.sismember(f"rq:workers:{env['QUEUE_INTERACTIVE']}", f"rq:worker:{name}"):
+                return process
+        except redis.exceptions.ConnectionError:
+            pass
+        time.sleep(0.2)
+    process.stop(signal.SIGKILL)
+    pytest.fail(f"worker {name} did not register in time:\n{process.log()[-3000:]}")
