@@ -1,7 +1,8 @@
 """Webhooks and job routes end to end: a Redis-mode `python -m backend serve`, a real worker process, the LS stand-in.
 
 ANNOTATION_CREATED -> a correction record; ANNOTATIONS_DELETED -> gone; TASKS_CREATED with AUTO_PRELABEL -> the new
-tasks get predictions; POST /jobs/prelabel + GET /jobs/{id} -> a whole project pre-labelled with progress.
+tasks get predictions; POST /jobs/prelabel + GET /jobs/{id} -> a whole project pre-labelled with progress;
+START_TRAINING -> a training run in the worker whose decision /health shows.
 """
 
 from __future__ import annotations
@@ -105,3 +106,20 @@ def test_jobs_prelabel_route_reports_progress_until_finished(stack) -> None:
     assert missing.status_code == 404 and missing.json()["error"] == "not_found"
     bad = httpx.post(server.url + "/jobs/prelabel", json={"project": "six"})
     assert bad.status_code == 422 and bad.json()["field"] == "project"
+
+
+def test_start_training_webhook_trains_in_a_worker_and_health_shows_the_decision(stack) -> None:
+    from tests.backend.corrections.test_train import corrections as make_corrections
+
+    ls, server, corrections, worker = stack
+    make_corrections(corrections)  # 10 images; 9 usable records, h1 held out at the default 0.2
+    event = {"action": "START_TRAINING", "project": {"id": 5}, "extra_params": {"train_steps": 2}}
+    assert httpx.post(server.url + "/webhook", json=event).status_code == 200
+    training = wait_for(lambda: httpx.get(server.url + "/health").json()["training"], timeout=180,
+                        what=f"a training decision in /health\n{worker.log()[-3000:]}")
+    last = training["last_run"]
+    assert last["promoted"] == (last["after"]["giou"] > last["before"]["giou"])
+    if last["promoted"]:
+        assert training["active_checkpoint"].endswith("/" + last["checkpoint"].rsplit("/", 1)[-1])
+    else:
+        assert training["active_checkpoint"] is None
