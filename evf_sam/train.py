@@ -177,16 +177,17 @@ class PromptSamples(torch.utils.data.Dataset):
 
 
 def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
-    """Samples -> one batch: distinct images once (`pixels`, `image_ids`), per prompt `image_index` into them."""
+    """Samples -> one batch: distinct images once (`pixels`, `beit`, `image_ids`), per prompt `image_index`."""
     unique: dict[int, int] = {}
-    pixels = []
+    pixels, beit = [], []
     for s in samples:
         if s["image_id"] not in unique:
             unique[s["image_id"]] = len(unique)
             pixels.append(s["pixels"])
+            beit.append(s["beit"])
     return {"pixels": torch.stack(pixels), "image_ids": list(unique),
             "image_index": torch.tensor([unique[s["image_id"]] for s in samples], dtype=torch.long),
-            "beit": torch.stack([s["beit"] for s in samples]), "prompts": [s["prompt"] for s in samples],
+            "beit": torch.stack(beit), "prompts": [s["prompt"] for s in samples],
             "masks": [s["mask"] for s in samples], "original_size": [s["original_size"] for s in samples],
             "resize_shape": [s["resize_shape"] for s in samples]}
 
@@ -408,14 +409,16 @@ def train(checkpoint: str | os.PathLike, data: str | os.PathLike | Sequence[str 
         batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
         usable = len(batches) - len(batches) % grad_accum
         loader = torch.utils.data.DataLoader(samples, batch_sampler=batches[cursor:usable], collate_fn=collate,
-                                             num_workers=num_workers, persistent_workers=False)
+                                             num_workers=num_workers, pin_memory=device.type == "cuda")
         micro = 0
         for batch in loader:
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
                 features = _encode_images(model, batch, device, frozen_encoder, cache)
                 ids, attention = tokenize(tokenizer, batch["prompts"], model.max_text_tokens)
-                tokens = model.encode_prompts(batch["beit"].to(device), ids.to(device), attention.to(device))
-                low_res, _ = model.decode_masks(features, tokens, batch["image_index"].to(device))
+                image_index = batch["image_index"].to(device)
+                beit = batch["beit"].to(device, non_blocking=True).index_select(0, image_index)
+                tokens = model.encode_prompts(beit, ids.to(device), attention.to(device))
+                low_res, _ = model.decode_masks(features, tokens, image_index)
             bce, dice = mask_losses(low_res.float(), batch, model.sam_image_size)
             loss = bce_weight * bce + dice_weight * dice
             (loss / grad_accum).backward()

@@ -42,20 +42,21 @@ CHECKPOINT_FILES = ("config.json", "model.safetensors", "sentencepiece.bpe.model
 def _shard(job: tuple[str, int, int, str]) -> str:
     from evf_sam.data.synthetic import generate_dataset
 
-    root, n_images, seed, split = job
-    generate_dataset(root, n_images, seed=seed, split=split, progress=False)
+    root, n_images, seed, split, max_side = job
+    generate_dataset(root, n_images, seed=seed, split=split, max_side=max_side, progress=False)
     return root
 
 
-def generate_data(work: Path, train_images: int, val_images: int, heldout_images: int,
-                  shards: int) -> tuple[list[Path], Path, Path]:
-    """Train shards (seeds TRAIN_SEED + k), a val split (TRAIN_SEED, split "val") and the held-out split
-    (HELDOUT_SEED, split "test"), generated in parallel processes. Returns (train roots, val root, held-out root)."""
+def generate_data(work: Path, train_images: int, val_images: int, heldout_images: int, shards: int,
+                  train_max_side: int = 640, train_seed: int = TRAIN_SEED) -> tuple[list[Path], Path, Path]:
+    """Train shards (seeds train_seed + k, longest side <= train_max_side), a val split (TRAIN_SEED, split "val")
+    and the held-out split (HELDOUT_SEED, split "test", generator defaults), generated in parallel processes.
+    Returns (train roots, val root, held-out root)."""
     per_shard = -(-train_images // shards)
-    jobs = [(str(work / f"train{k:02d}"), min(per_shard, train_images - k * per_shard), TRAIN_SEED + k, "train")
-            for k in range(shards) if train_images - k * per_shard > 0]
-    jobs += [(str(work / "val"), val_images, TRAIN_SEED, "val"), (str(work / "heldout"), heldout_images,
-                                                                   HELDOUT_SEED, "test")]
+    jobs = [(str(work / f"train{k:02d}"), min(per_shard, train_images - k * per_shard), train_seed + k, "train",
+             train_max_side) for k in range(shards) if train_images - k * per_shard > 0]
+    jobs += [(str(work / "val"), val_images, TRAIN_SEED, "val", 640),
+             (str(work / "heldout"), heldout_images, HELDOUT_SEED, "test", 640)]
     with ProcessPoolExecutor(max_workers=min(len(jobs), 16)) as pool:
         list(pool.map(_shard, jobs))
     return [Path(j[0]) for j in jobs[:-2]], work / "val", work / "heldout"
@@ -92,9 +93,14 @@ def run_training(args: argparse.Namespace) -> int:
     if work.exists():
         shutil.rmtree(work)
     train_roots, val_root, heldout_root = generate_data(work / "data", args.train_images, args.val_images,
-                                                        args.heldout_images, args.shards)
+                                                        args.heldout_images, args.shards, args.train_max_side,
+                                                        TRAIN_SEED + 1000 * args.stage)
     print(f"data generated in {time.time() - started:.0f} s", flush=True)
-    init = build_initial_checkpoint(work / "init")
+    if args.init_from:  # a later stage: copy the previous stage's model so --out can be the same directory
+        init = work / "init"
+        shutil.copytree(args.init_from, init)
+    else:
+        init = build_initial_checkpoint(work / "init")
     recipe = dict(train_split="train", val_data=val_root, val_split="val", trainable=ALL_PARTS,
                   batch_size=args.batch_size, lr=args.lr, weight_decay=0.05, warmup_steps=args.warmup,
                   min_lr_ratio=0.02, bce_weight=2.0, dice_weight=1.0, device=args.device, bf16=True, seed=TRAIN_SEED,
@@ -118,7 +124,9 @@ def run_training(args: argparse.Namespace) -> int:
                "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
                "wall_seconds": round(time.time() - started, 1), "train_seconds": round(train_seconds, 1),
                "reproduce": f"python scripts/train_demo.py train --steps {result.steps} --batch-size {args.batch_size} "
-                            f"--train-images {args.train_images} --lr {args.lr} --warmup {args.warmup}",
+                            f"--train-images {args.train_images} --train-max-side {args.train_max_side} --lr {args.lr} "
+                            f"--warmup {args.warmup}" + (f" --stage {args.stage} --init-from {args.init_from}"
+                                                         if args.init_from else ""),
                "seeds": {"train": TRAIN_SEED, "heldout": HELDOUT_SEED, "model": MODEL_SEED},
                "parameters": sum(p.numel() for p in _load(out).parameters())}
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
@@ -204,6 +212,12 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--lr", type=float, default=4e-4)
     t.add_argument("--warmup", type=int, default=300)
     t.add_argument("--workers", type=int, default=12, help="data loader processes")
+    t.add_argument("--train-max-side", type=int, default=640,
+                   help="longest side of the generated training images (smaller = faster data loading)")
+    t.add_argument("--init-from", default=None,
+                   help="continue from this checkpoint (a later stage) instead of a random initialisation")
+    t.add_argument("--stage", type=int, default=0,
+                   help="stage number; offsets the training-data seed so later stages see new images")
     t.add_argument("--no-progress", action="store_true")
     f = sub.add_parser("figure", help="docs/img/demo_predictions.png from a trained model")
     f.add_argument("--model", default="models/evf-demo")
