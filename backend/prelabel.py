@@ -285,8 +285,12 @@ def plan(settings: Settings, request: PrelabelRequest, client: LabelStudioClient
     build the `predict_task` payloads of the rest. Raises BackendError for a bad project or label config."""
     project = client.get_project(request.project)
     backend = _backend_for(settings, request.project, project.get("label_config") or "", request.prompts, redis)
-    model_version = backend.model_version  # bad config / no model: raised here, before anything is queued
-    prompt_hash = backend._prompt_hash()
+    try:
+        model_version = backend.model_version  # bad config / no model: raised here, before anything is queued
+        prompt_hash = backend._prompt_hash()
+    finally:
+        if hasattr(backend.dispatcher, "close"):
+            backend.dispatcher.close()  # only its connections: the model registry was read above
     if tasks is None:
         wanted = set(request.task_ids) if request.task_ids else None
         tasks = [t for t in client.iter_tasks(request.project, query=request.query)
