@@ -213,3 +213,16 @@ def test_a_brush_that_does_not_fit_the_image_is_a_clear_error(env) -> None:
     with pytest.raises(BadRequest, match=r"region 'x'.*40x32"):
         handle_event(event("ANNOTATION_CREATED", annotation, ls), ctx)
     assert ctx.store.records() == []
+
+
+def test_bulk_annotations_created_records_each_annotation_with_its_task(env) -> None:
+    ls, ctx = env
+    first = ls.add_task(1, {"image": "/data/upload/1/img.png", "prompt": "left thing"})
+    second = ls.add_task(1, {"image": "/data/upload/1/img.png", "prompt": "right thing"})
+    annotations = [ls.add_annotation(first, [region("a", box(1, 1, 9, 9))]),
+                   ls.add_annotation(second, [region("b", box(10, 10, 20, 20))])]
+    outcome = handle_event({"action": "ANNOTATIONS_CREATED", "annotation": annotations,
+                            "task": [ls.tasks[first], ls.tasks[second]],
+                            "project": {"id": 1, "label_config": LABEL_CONFIG}}, ctx)
+    assert [a["status"] for a in outcome["annotations"]] == ["recorded", "recorded"]
+    assert {(r.task_id, r.prompt) for r in ctx.store.records()} == {(first, "left thing"), (second, "right thing")}
