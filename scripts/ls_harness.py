@@ -238,7 +238,9 @@ class LabelStudioClient:
 
     def upload_images(self, project: int, paths: Iterable[Path]) -> list[int]:
         """Upload image files (tasks with `/data/upload/<project>/<file>`); returns the new task ids."""
-        files = [("file", (Path(path).name, Path(path).read_bytes(), "image/png")) for path in paths]
+        # one form field per file: LS keeps only the last file of a repeated field name
+        files = [(f"file{index}", (Path(path).name, Path(path).read_bytes(), "image/png"))
+                 for index, path in enumerate(paths)]
         answer = self.call("POST", f"/api/projects/{project}/import", params={"return_task_ids": "true"},
                            files=files)
         return answer["task_ids"]
