@@ -60,22 +60,31 @@ _fetcher_lock = threading.Lock()
 
 
 def get_runtime(settings: Settings | None = None) -> Runtime:
-    """The process-wide model for the configured checkpoint/device/dtype, loaded on first use only."""
+    """The process-wide model, loaded on first use only.
+
+    It serves the checkpoint that training from corrections promoted last (CHECKPOINTS_DIR/training.json), else
+    EVF_SAM_CHECKPOINT. When a new checkpoint is promoted, the next call loads it and drops the old model, so
+    workers and the embedded server switch between two jobs without a restart.
+    """
+    from backend.corrections.train import active_checkpoint
+
     settings = settings or get_settings()
-    key = (settings.checkpoint, settings.evf_sam_device, settings.evf_sam_dtype)
+    checkpoint = active_checkpoint(settings)
+    key = (checkpoint, settings.evf_sam_device, settings.evf_sam_dtype)
     with _runtime_lock:
         if key not in _runtimes:
-            _runtimes[key] = _load_runtime(settings)
+            runtime = _load_runtime(settings, checkpoint)
+            _runtimes.clear()
+            _runtimes[key] = runtime
         return _runtimes[key]
 
 
-def _load_runtime(settings: Settings) -> Runtime:
+def _load_runtime(settings: Settings, checkpoint: str) -> Runtime:
     import torch
 
     import evf_sam
     from evf_sam.errors import CheckpointError
 
-    checkpoint = settings.checkpoint
     if settings.evf_sam_checkpoint == DEMO_CHECKPOINT and not Path(checkpoint).is_dir():
         raise CheckpointError(f"the default demo model {checkpoint} is missing; set EVF_SAM_CHECKPOINT to a "
                               "checkpoint directory or a Hugging Face repo id")

@@ -203,10 +203,20 @@ class EmbeddedDispatcher:
                 self._busy = True
             try:
                 if future.set_running_or_notify_cancel():
+                    self._follow_promoted_checkpoint()
                     self._run_one(function, payload, future)
             finally:
                 with self._lock:
                     self._busy = False
+
+    def _follow_promoted_checkpoint(self) -> None:
+        """Switch to the checkpoint training promoted since the last job, so /setup reports its model_version."""
+        from backend import jobs
+
+        try:
+            self._runtime = jobs.get_runtime(self.settings)
+        except Exception as error:  # noqa: BLE001 - the job reports the same failure with its own reason
+            log.error("cannot load the promoted checkpoint: %s", error)
 
     def _run_one(self, function: Any, payload: dict[str, Any], future: concurrent.futures.Future) -> None:
         for attempt in range(self.settings.job_retries + 1):

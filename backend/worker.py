@@ -34,6 +34,7 @@ class EvfWorker(SimpleWorker):
     abandoned_after = 20
     heartbeat_interval = 5.0
     announce: Callable[[], None] | None = None  # re-publishes the model info (set by run_worker)
+    before_job: Callable[[], None] | None = None  # switches to a newly promoted checkpoint (set by run_worker)
 
     def run_maintenance_tasks(self) -> None:
         """RQ's registry cleaning, and re-registering this worker and its model when Redis lost them (a restart
@@ -54,6 +55,8 @@ class EvfWorker(SimpleWorker):
         return self.abandoned_after
 
     def execute_job(self, job: Job, queue: Queue) -> None:
+        if self.before_job is not None:
+            self.before_job()
         execution = self.prepare_execution(job)
         done = threading.Event()
         beat = threading.Thread(target=self._heartbeat_while_busy, args=(job, execution, done),
@@ -86,10 +89,23 @@ def run_worker(settings: Settings | None = None, *, burst: bool = False, name: s
     except RedisError as error:
         log.error("cannot reach Redis (%s): %s", settings.describe()["redis"], error)
         return 1
-    runtime = jobs.get_runtime(settings)  # once, before the first job
+    runtime = jobs.get_runtime(settings)  # before the first job
+    served = {"fingerprint": runtime.fingerprint}
 
     def announce() -> None:
-        publish_model_info(connection, settings, {**runtime.info(), "worker": name})
+        publish_model_info(connection, settings, {**jobs.get_runtime(settings).info(), "worker": name})
+
+    def switch_to_promoted_checkpoint() -> None:
+        """Load the checkpoint training promoted since the last job, and tell the server (new model_version)."""
+        try:
+            current = jobs.get_runtime(settings)
+        except Exception as error:  # noqa: BLE001 - the job reports the same failure with its own reason
+            log.error("cannot load the promoted checkpoint: %s", error)
+            return
+        if current.fingerprint != served["fingerprint"]:
+            log.info("worker %s now serves %s (%s)", name, current.checkpoint, current.fingerprint)
+            served["fingerprint"] = current.fingerprint
+            announce()
 
     announce()
 
@@ -100,6 +116,7 @@ def run_worker(settings: Settings | None = None, *, burst: bool = False, name: s
     worker.abandoned_after = settings.worker_abandoned_after
     worker.heartbeat_interval = settings.worker_heartbeat_interval
     worker.announce = announce
+    worker.before_job = switch_to_promoted_checkpoint
     log.info("worker %s serving %s with %s on %s", name, worker.queue_names(), runtime.model_name, runtime.device)
     worker.work(burst=burst, logging_level=settings.log_level)
     return 0

@@ -28,8 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                            "evaluate again and promote the new checkpoint only if it is better. The "
                                            "decision goes to CHECKPOINTS_DIR/training.json (shown by /health); a "
                                            "promoted checkpoint is also published in Redis (<prefix>:active_checkpoint)"
-                                           ". Serve it with EVF_SAM_CHECKPOINT=<path> (workers do not reload it by "
-                                           "themselves yet).")
+                                           "; workers and the embedded server switch to it before their next job.")
     train.add_argument("--dir", help="corrections dataset (default: CORRECTIONS_DIR)")
     train.add_argument("--steps", type=int, default=200, help="training steps (default 200)")
     train.add_argument("--holdout", type=float, default=0.2, help="held-out share (default 0.2)")

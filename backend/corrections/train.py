@@ -9,9 +9,10 @@
 3. fine-tune it with `evf_sam.train.train` into `CHECKPOINTS_DIR/<name>`;
 4. evaluate the new checkpoint the same way; promote it only when gIoU improves (ties keep the old one);
 5. record the decision and both numbers in `CHECKPOINTS_DIR/training.json` (`/health` shows it) and, when promoted,
-   publish the new checkpoint path in Redis (`<prefix>:active_checkpoint`, read by `promoted_checkpoint`). Workers do
-   not yet reload it by themselves (that hook belongs in `backend.worker`); until then serve it with
-   `EVF_SAM_CHECKPOINT=<path>`. The new weights have a new fingerprint, hence a new `model_version`.
+   publish the new checkpoint path in Redis (`<prefix>:active_checkpoint`, read by `promoted_checkpoint`). Workers
+   and the embedded server switch to it before their next job (`backend.jobs.get_runtime` serves the active
+   checkpoint; CHECKPOINTS_DIR must be shared with the workers). The new weights have a new fingerprint, hence a
+   new `model_version`.
 """
 
 from __future__ import annotations

@@ -71,3 +71,24 @@ def test_record_event_summarises_a_webhook():
     outcome = summary.pop("outcome")
     assert summary == {"action": "ANNOTATION_UPDATED", "project": 7, "task": 2, "annotation": 5, "received_at": 1.0}
     assert outcome["annotations"][0]["status"] == "nothing to record"  # no brush regions, no prediction
+
+
+def test_a_promoted_checkpoint_is_served_from_the_next_job_on(job_env, image_server, tmp_path, monkeypatch):
+    """Training from corrections promotes a checkpoint (CHECKPOINTS_DIR/training.json); no restart is needed."""
+    import json
+
+    from evf_sam.testing import make_tiny_checkpoint
+
+    monkeypatch.setenv("CHECKPOINTS_DIR", str(tmp_path / "checkpoints"))
+    get_settings.cache_clear()
+    body = payload(image_server.image_url("red.png"))
+    before = jobs.predict_task(body)["model_version"]
+
+    promoted = make_tiny_checkpoint(tmp_path / "promoted", family="sam", seed=7)
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "training.json").write_text(json.dumps({"active": str(promoted), "runs": []}))
+    after = jobs.predict_task(body)["model_version"]
+
+    assert after != before
+    assert jobs.get_runtime().checkpoint == str(promoted)
+    assert after.split("-p")[-1] == before.split("-p")[-1]  # same prompts, new weights
