@@ -49,16 +49,23 @@ def test_annotation_is_captured_with_its_prediction(ls: LabelStudioClient, label
 
     label, truth = next(iter(sample.masks.items()))
     width, height = Image.open(sample.image).size
-    region = {**prediction["result"][0], "value": {"format": "rle", "rle": rle.encode(truth), "brushlabels": [label]}}
+    predicted = [r for r in prediction["result"] if r["value"]["brushlabels"] == [label]]
+    # the annotator redraws the predicted region (same region id) as the ground truth
+    region = {"id": predicted[0]["id"] if predicted else "redrawn-0001", "from_name": "tag", "to_name": "image",
+              "type": "brushlabels", "original_width": width, "original_height": height, "image_rotation": 0,
+              "value": {"format": "rle", "rle": rle.encode(truth), "brushlabels": [label]}}
     annotation = ls.call("POST", f"/api/tasks/{task}/annotations",
                          json={"result": [region], "lead_time": 3.0, "parent_prediction": prediction["id"]})
 
     [record] = wait_for(lambda: records_of(corrections_dir, annotation["id"]), "the correction record")
-    assert (record.task_id, record.label, record.model_version) == (task, label, prediction["model_version"])
-    assert record.prompt == sample.prompts[label][0]
+    assert (record.task_id, record.label, record.prompt) == (task, label, sample.prompts[label][0])
     corrected = np.asarray(Image.open(corrections_dir / record.mask)) > 127
     assert corrected.shape == (height, width) and (corrected == truth).all()
-    assert record.predicted_mask and 0.0 <= record.iou <= 1.0
+    if predicted:  # paired with the prediction it started from
+        assert record.model_version == prediction["model_version"]
+        assert record.predicted_mask and 0.0 <= record.iou <= 1.0
+    else:
+        assert record.extra["kind"] == "added"
 
     ls.call("DELETE", f"/api/annotations/{annotation['id']}")
     deadline = time.monotonic() + 60
