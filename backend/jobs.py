@@ -151,11 +151,17 @@ def predict_task(payload: dict[str, Any]) -> dict[str, Any]:
             for index, mask in enumerate(_postprocess(prediction.mask, options)):
                 region_id = _region_id(task_id, group["to_name"], number, request, index, model_version)
                 regions.append(_region(region_id, group["to_name"], request, mask, width, height,
-                                       float(prediction.score)))
+                                       _confidence(prediction.score)))
     score = float(np.mean([region["score"] for region in regions])) if regions else 0.0
     log.info("task %s: %d region(s) from %d prompt(s), score %.3f", task_id, len(regions),
              sum(len(group["requests"]) for group in groups), score)
     return {"result": regions, "score": round(score, 4), "model_version": model_version}
+
+
+def _confidence(predicted_iou: float) -> float:
+    """The decoder's predicted IoU clipped to [0, 1]: an under-trained head can predict values outside it, and
+    Label Studio silently drops imported predictions with a negative score."""
+    return min(1.0, max(0.0, float(predicted_iou)))
 
 
 def _postprocess(mask: np.ndarray, options: dict[str, Any]) -> list[np.ndarray]:

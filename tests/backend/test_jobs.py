@@ -92,3 +92,10 @@ def test_a_promoted_checkpoint_is_served_from_the_next_job_on(job_env, image_ser
     assert after != before
     assert jobs.get_runtime().checkpoint == str(promoted)
     assert after.split("-p")[-1] == before.split("-p")[-1]  # same prompts, new weights
+
+
+def test_scores_are_confidences_in_the_unit_interval(job_env, image_server):
+    """Label Studio drops predictions with negative scores; the random tiny model predicts IoUs outside [0, 1]."""
+    prediction = jobs.predict_task(payload(image_server.image_url("red.png")))
+    assert 0.0 <= prediction["score"] <= 1.0
+    assert all(0.0 <= region["score"] <= 1.0 for region in prediction["result"])
