@@ -120,7 +120,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                              "(quote it: the shell reads | as a pipe)")
     parser.add_argument("--split", default=None,
                         help="layout datasets: evaluate only this split (default: every split separately)")
-    parser.add_argument("--refer-root", default=None, help="RefCOCO: the refer_seg directory (refcoco/, refcoco+/, refcocog/, images/)")
+    parser.add_argument("--refer-root", default=None,
+                        help="RefCOCO: the refer_seg directory (refcoco/, refcoco+/, refcocog/, images/)")
     parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     parser.add_argument("--dtype", default="fp32", help="fp32 | bf16 | fp16 (default: fp32)")
     parser.add_argument("--images-per-batch", type=int, default=8, help="images per predict_batch call (default 8)")

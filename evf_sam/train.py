@@ -319,8 +319,9 @@ def train(checkpoint: str | os.PathLike, data: str | os.PathLike | Sequence[str 
           lr: float = 1e-4, weight_decay: float = 0.01, warmup_steps: int = 100, min_lr_ratio: float = 0.0,
           bce_weight: float = 2.0, dice_weight: float = 0.5, clip_grad: float | None = 1.0,
           device: str | torch.device = "cpu", bf16: bool = True, seed: int = 0, num_workers: int = 0,
-          cache_features: bool = True, preload: bool = False, group_by_image: bool = True, save_every: int | None = None, log_every: int = 10,
-          resume: bool = False, stop_after: int | None = None, time_limit_s: float | None = None, save_dtype: str = "fp32", val_images_per_batch: int = 8,
+          cache_features: bool = True, preload: bool = False, group_by_image: bool = True,
+          save_every: int | None = None, log_every: int = 10, resume: bool = False, stop_after: int | None = None,
+          time_limit_s: float | None = None, save_dtype: str = "fp32", val_images_per_batch: int = 8,
           progress: bool = True) -> TrainResult:
     """Fine-tune `checkpoint` on `data` (one or more layout directories) and write the result to `output_dir`.
 
