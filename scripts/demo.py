@@ -79,7 +79,7 @@ def connect(ls: LabelStudioClient, project: int, url: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="scripts/demo.py", description=__doc__.split("\n\n")[0],
+    parser = argparse.ArgumentParser(prog="scripts/demo.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", type=Path, default=E2E_DIR / "demo",
                         help="where Label Studio's database, the images and the state live (default: .e2e/demo)")
