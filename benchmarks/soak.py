@@ -121,6 +121,7 @@ class Stack:
     server: subprocess.Popen | None = None
     url: str = ""
     workers: dict[str, subprocess.Popen] = field(default_factory=dict)
+    born: dict[str, float] = field(default_factory=dict)
     kills: int = 0
     unexpected_exits: int = 0
     started_workers: int = 0
@@ -135,6 +136,7 @@ class Stack:
             self.started_workers += 1
             name = f"soak-w{self.started_workers}"
             self.workers[name] = self.spawn(["worker", "--name", name], "workers.log")
+            self.born[name] = time.monotonic()
 
     def start_server(self) -> None:
         port = free_port()
@@ -166,6 +168,8 @@ def main() -> int:
     parser.add_argument("--workers", type=int, default=2, help="worker processes (default 2)")
     parser.add_argument("--kill-every", type=float, default=20.0,
                         help="mean seconds between SIGKILLs of a random worker; 0 disables (default 20)")
+    parser.add_argument("--min-uptime", type=float, default=30.0,
+                        help="only kill workers up for at least this many seconds, i.e. serving (default 30)")
     parser.add_argument("--redis-restart-at", type=float, default=0.5,
                         help="restart Redis once this fraction of tasks is sent; 0 disables (default 0.5)")
     parser.add_argument("--retries", type=int, default=60, help="client retries of a 503/connection error (1 s apart)")
@@ -271,7 +275,8 @@ def main() -> int:
                 redis_restarted.set()
             if args.kill_every and rng.random() < 1.0 / args.kill_every:
                 with stack.lock:
-                    alive = [name for name, p in stack.workers.items() if p.poll() is None]
+                    alive = [name for name, p in stack.workers.items()  # loaded and serving, not still starting
+                             if p.poll() is None and time.monotonic() - stack.born[name] > args.min_uptime]
                     victim = rng.choice(alive) if alive else None
                     if victim:
                         stack.workers.pop(victim).send_signal(signal.SIGKILL)

@@ -226,6 +226,7 @@ def test_duplicate_and_out_of_order_webhooks_leave_the_newest_correction_once(cl
             if any(r["annotation_id"] == 502 for r in records):
                 break
         time.sleep(0.2)
+    assert not any(r["annotation_id"] == 999 for r in records)  # refused webhooks (wrong secret) queued nothing
     mine = [r for r in records if r["annotation_id"] == 501]
     assert len(mine) == 1, records
     assert mine[0]["updated_at"] == "2026-11-30T10:05:00Z"
