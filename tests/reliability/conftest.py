@@ -63,6 +63,7 @@ def odd_images() -> dict[str, bytes]:
         "corrupt.png": good[:16] + bytes(range(256)) * 4,
         "truncated.png": good[: len(good) // 2],
         "huge.png": huge_png_header(),
+        "large.png": huge_png_header(8000, 8000),  # 64 M pixels: under Pillow's bomb limit, over MAX_IMAGE_PIXELS
         "empty.png": b"",
         "page.html": b"<html><body>not an image</body></html>",
     }

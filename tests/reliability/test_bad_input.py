@@ -90,6 +90,7 @@ def batch_cases(media_host) -> list[tuple[int, dict, str | None, str]]:
         (117, {"image": 12345}, "bad_request", "no image URL"),
         (118, {"image": "ftp://127.0.0.1/x.png"}, "bad_image", "unsupported image URL"),
         (119, {"image": media_host.url("good.png"), "prompt": "the square"}, None, ""),
+        (120, {"image": media_host.url("large.png")}, "image_too_large", "MAX_IMAGE_PIXELS"),
     ]
 
 
