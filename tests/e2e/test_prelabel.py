@@ -23,10 +23,6 @@ def prelabel(env: dict[str, str], project: int) -> subprocess.CompletedProcess:
     return result
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "known bug: the demo model's decoder gives negative scores, and LS 1.23.2 POST /api/projects/{id}/import/predictions "
-    "answers 201 {'created': 0} for items with a negative score, so prelabel reports 'done' while LS stores nothing; "
-    "fix: clamp scores to [0, 1] in backend/jobs.py and check 'created' in backend/prelabel.py"))
 def test_prelabel_cli_writes_predictions_once(ls: LabelStudioClient, label_config: str, document_root: Path,
                                               backend_env: dict[str, str], backend_worker: subprocess.Popen) -> None:
     samples = make_samples(document_root / "bulk", count=3, seed=7)
