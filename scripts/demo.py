@@ -107,7 +107,8 @@ def main(argv: list[str] | None = None) -> int:
 
     label_studio = LabelStudioServer(ls_data, files, port=pick_port(args.ls_port), credentials=credentials)
     settings = {"LABEL_STUDIO_URL": label_studio.url, "LABEL_STUDIO_API_KEY": credentials.token,
-                "LOCAL_FILES_DOCUMENT_ROOT": str(files), "CORRECTIONS_DIR": str(data_dir / "corrections")}
+                "LOCAL_FILES_DOCUMENT_ROOT": str(files), "CORRECTIONS_DIR": str(data_dir / "corrections"),
+                "CHECKPOINTS_DIR": str(data_dir / "checkpoints")}
     if args.checkpoint:
         settings["EVF_SAM_CHECKPOINT"] = args.checkpoint
     backend = BackendServer(backend_environment(**settings), data_dir / "backend.log",

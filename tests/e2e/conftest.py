@@ -114,7 +114,7 @@ def backend_env(label_studio: LabelStudioServer, ls_pat: str, redis_db: RedisDB,
     """Queue mode on the session's Redis DB; Basic auth on; images fetched from LS with the PAT (no local reads)."""
     return backend_environment(
         **redis_db.env(), LABEL_STUDIO_URL=label_studio.url, LABEL_STUDIO_API_KEY=ls_pat,
-        CORRECTIONS_DIR=str(corrections_dir),
+        CORRECTIONS_DIR=str(corrections_dir), CHECKPOINTS_DIR=str(corrections_dir.parent / "checkpoints"),
         EVF_SAM_CHECKPOINT=str(checkpoint), EVF_SAM_DEVICE="cpu", OMP_NUM_THREADS="1",
         BASIC_AUTH_USER=BASIC_AUTH[0], BASIC_AUTH_PASS=BASIC_AUTH[1], PREDICT_TIMEOUT="80",
         WORKER_POLL_SECONDS="1")
