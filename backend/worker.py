@@ -12,14 +12,15 @@ import logging
 import os
 import socket
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
 from redis.exceptions import RedisError
+from rq import worker_registration
 from rq.job import Job
 from rq.queue import Queue
 from rq.serializers import JSONSerializer
-from rq import worker_registration
 from rq.worker import SimpleWorker, WorkerStatus
 
 from backend.queueing import make_queues, publish_model_info, redis_connection
@@ -107,16 +108,55 @@ def run_worker(settings: Settings | None = None, *, burst: bool = False, name: s
             served["fingerprint"] = current.fingerprint
             announce()
 
-    announce()
+    def make_worker() -> EvfWorker:
+        worker = EvfWorker(list(make_queues(settings, connection).values()), name=name, connection=connection,
+                           serializer=JSONSerializer, worker_ttl=settings.worker_poll_seconds + 15,
+                           maintenance_interval=settings.worker_maintenance_interval,
+                           default_result_ttl=settings.result_ttl)
+        worker.abandoned_after = settings.worker_abandoned_after
+        worker.heartbeat_interval = settings.worker_heartbeat_interval
+        worker.announce = announce
+        worker.before_job = switch_to_promoted_checkpoint
+        return worker
 
-    worker = EvfWorker(list(make_queues(settings, connection).values()), name=name, connection=connection,
-                       serializer=JSONSerializer, worker_ttl=settings.worker_poll_seconds + 15,
-                       maintenance_interval=settings.worker_maintenance_interval,
-                       default_result_ttl=settings.result_ttl)
-    worker.abandoned_after = settings.worker_abandoned_after
-    worker.heartbeat_interval = settings.worker_heartbeat_interval
-    worker.announce = announce
-    worker.before_job = switch_to_promoted_checkpoint
-    log.info("worker %s serving %s with %s on %s", name, worker.queue_names(), runtime.model_name, runtime.device)
-    worker.work(burst=burst, logging_level=settings.log_level)
-    return 0
+    announce()
+    while True:
+        worker = make_worker()
+        log.info("worker %s serving %s with %s on %s", name, worker.queue_names(), runtime.model_name,
+                 runtime.device)
+        try:
+            worker.work(burst=burst, logging_level=settings.log_level)
+        except RedisError as error:  # RQ's shutdown bookkeeping itself can fail while Redis is away
+            log.warning("worker %s: Redis error while stopping: %s", name, error)
+        # RQ's loop ends on a stop request (SIGTERM/SIGINT), in burst mode when the queues are empty, and on any
+        # error - a lost Redis connection included. Only the last one is worth outliving: wait for Redis, go on.
+        if burst or _stop_requested(worker) or _redis_answers(connection):
+            return 0
+        if not _wait_for_redis(connection, worker, name):
+            return 0
+        announce()
+
+
+def _stop_requested(worker: EvfWorker) -> bool:
+    """Whether SIGTERM/SIGINT reached RQ's handlers (which stay installed after its loop ended)."""
+    return worker._stop_requested or worker._shutdown_requested_date is not None
+
+
+def _redis_answers(connection: Any) -> bool:
+    try:
+        return bool(connection.ping())
+    except RedisError:
+        return False
+
+
+def _wait_for_redis(connection: Any, worker: EvfWorker, name: str) -> bool:
+    """Ping Redis every second until it answers (True) or the worker is asked to stop (False)."""
+    log.warning("worker %s: lost its Redis connection; waiting for Redis to come back", name)
+    while not _stop_requested(worker):
+        try:
+            connection.ping()
+            log.info("worker %s: Redis is back, serving again", name)
+            return True
+        except RedisError:
+            time.sleep(1.0)
+    return False

@@ -79,9 +79,6 @@ def test_redis_down_is_reported_503_and_work_resumes_after_a_restart(redis_stack
         assert worker.popen.poll() is None, "the worker died with Redis"
 
 
-@pytest.mark.xfail(strict=True, reason="BUG (backend/worker.py, H5): a worker that finishes a job while Redis is "
-                   "down quits (RQ's work loop stops on the ConnectionError from storing the result, heartbeat or "
-                   "registry cleaning), so nothing is served after Redis returns until the worker is restarted")
 def test_a_worker_busy_while_redis_restarts_keeps_serving(redis_stack, private_redis, image_server):
     server, worker, _ = redis_stack
     with httpx.Client(base_url=server.url, timeout=30) as client:
