@@ -87,10 +87,11 @@ def _time_baseline(model, images: list[np.ndarray], device: torch.device) -> dic
     return {"img_per_s": len(times) / sum(times), **_percentiles(times)}
 
 
-def _time_ours(model, images: list[np.ndarray], batch_sizes: list[int], device: torch.device) -> dict[str, Any]:
+def _time_ours(model, images: list[np.ndarray], batch_sizes: list[int], device: torch.device,
+               preprocess_device: str | None) -> dict[str, Any]:
     from evf_sam.predictor import EvfPredictor
 
-    predictor = EvfPredictor(model, cache_size=max(batch_sizes))
+    predictor = EvfPredictor(model, cache_size=max(batch_sizes), preprocess_device=preprocess_device)
     result: dict[str, Any] = {}
     for bs in batch_sizes:
         predictor.clear_cache()
@@ -147,11 +148,14 @@ def run_bench(family: str, model_size: str, dtype: torch.dtype, batch_sizes: lis
     model = _build(family, model_size, device, torch.float16, tokenizer_dir)
     baseline = _time_baseline(model, images[:n_baseline], device)
     model = model.to(dtype)
-    ours = _time_ours(model, images[:n_images], batch_sizes, device)
+    ours = _time_ours(model, images[:n_images], batch_sizes, device, preprocess_device=None)
+    ours_gpu_pre = (_time_ours(model, images[:n_images], batch_sizes, device, preprocess_device="model")
+                    if device.type == "cuda" else None)
     agreement = _agreement(model, images[:4], dtype)
     params = sum(p.numel() for p in model.parameters())
     out = {"family": family, "params": params, "dtype": str(dtype).replace("torch.", ""), "image_size": list(image_size),
-           "baseline_fp16_autocast_bs1": baseline, "ours": ours, "agreement_vs_fp32": agreement,
+           "baseline_fp16_autocast_bs1": baseline, "ours": ours, "ours_gpu_preprocessing": ours_gpu_pre,
+           "agreement_vs_fp32": agreement,
            "speedup_vs_baseline": {k: v / baseline["img_per_s"] for k, v in ours.items() if k.endswith("img_per_s")}}
     if device.type == "cuda":
         out["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
@@ -171,6 +175,11 @@ def _print(result: dict[str, Any]) -> None:
     ours = result["ours"]
     print(f"ours new image p50/p95: {ours['new_image']['p50_ms']:.1f}/{ours['new_image']['p95_ms']:.1f} ms; "
           f"new prompt on cached image p50: {ours['cached_image_new_prompt']['p50_ms']:.1f} ms")
+    if result.get("ours_gpu_preprocessing"):
+        gpu = result["ours_gpu_preprocessing"]
+        rates = ", ".join(f"{k}: {v:.2f}" for k, v in gpu.items() if k.endswith("img_per_s"))
+        print(f"ours with GPU-side preprocessing: {rates}; new image p50 {gpu['new_image']['p50_ms']:.1f} ms; "
+              f"new prompt on cached image p50 {gpu['cached_image_new_prompt']['p50_ms']:.1f} ms")
     agree = result["agreement_vs_fp32"]
     print(f"{result['dtype']} vs fp32: logits correlation {agree['logits_correlation']:.5f}, "
           f"mean mask IoU {agree['mean_mask_iou']:.4f}")
