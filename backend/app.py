@@ -69,6 +69,9 @@ def error_response(error: Exception) -> JSONResponse:
         status, code, message, field = _validation_error(error.errors())
     elif isinstance(error, RedisError):
         status, code, message, field = 503, "redis_unavailable", f"Redis is unavailable: {error}", None
+    elif isinstance(error, StarletteHTTPException) and isinstance(error.__cause__, UnicodeDecodeError):
+        status, code, field = 400, "malformed_json", "body"  # FastAPI's body parser hides the cause otherwise
+        message = f"request body is not UTF-8 encoded JSON: {error.__cause__}"
     elif isinstance(error, StarletteHTTPException):
         status = error.status_code
         code = {404: "not_found", 405: "method_not_allowed"}.get(status, "http_error")

@@ -155,7 +155,7 @@ def test_non_utf8_bytes_in_the_body_are_a_400_not_a_crash(client, media_host):
         headers = {"content-type": "application/json"}
         if path == "/webhook":
             headers["X-Webhook-Secret"] = SECRET
-        assert_error(client.post(path, content=raw, headers=headers), 400)
+        assert_error(client.post(path, content=raw, headers=headers), 400, "UTF-8")
     assert client.get("/health").json()["status"] == "UP"
 
 
