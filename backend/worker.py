@@ -51,6 +51,12 @@ class EvfWorker(SimpleWorker):
                 self.announce()
         super().run_maintenance_tasks()
 
+    def request_stop(self, signum: int, frame: Any) -> None:
+        """SIGTERM/SIGINT: also remember the request. RQ raises StopRequested from inside the signal handler; when the
+        signal lands in a logging call, the logging module swallows that exception and the worker would go on."""
+        self._stop_requested = True
+        super().request_stop(signum, frame)
+
     def get_heartbeat_ttl(self, job: Job, working_time: float = 0.0) -> int:
         """How long the job's StartedJobRegistry entry lives without a new heartbeat."""
         return self.abandoned_after
