@@ -49,8 +49,9 @@ class Server:
 
 
 @contextmanager
-def serve(server: Server | None = None) -> Iterator[Server]:
-    """Run `server` on 127.0.0.1 (random port) in a thread for the duration of the block."""
+def serve(server: Server | None = None, host: str = "127.0.0.1") -> Iterator[Server]:
+    """Run `server` on `host` (random port) in a thread for the duration of the block. Another loopback address
+    (127.0.0.2, ...) is a different host to the backend than 127.0.0.1."""
     state = server or Server()
 
     class Handler(BaseHTTPRequestHandler):
@@ -83,9 +84,9 @@ def serve(server: Server | None = None) -> Iterator[Server]:
 
         do_GET = do_POST = do_HEAD = _handle
 
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    httpd = ThreadingHTTPServer((host, 0), Handler)
     httpd.daemon_threads = True
-    state.url = f"http://127.0.0.1:{httpd.server_address[1]}"
+    state.url = f"http://{host}:{httpd.server_address[1]}"
     thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
     try:

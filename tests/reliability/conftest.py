@@ -8,15 +8,11 @@ import shutil
 import signal
 import struct
 import subprocess
-import threading
 import time
 import zlib
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from urllib.parse import parse_qs, urlsplit
 
 import numpy as np
 import pytest
@@ -151,48 +147,6 @@ def private_redis(tmp_path: Path) -> Iterator[PrivateRedis]:
 
 
 # --- recording servers on other loopback addresses ---------------------------------------------------------------
-
-@contextmanager
-def serve_at(host: str, server: Server | None = None) -> Iterator[Server]:
-    """Like `tests.backend.http_servers.serve`, on another loopback address (127.0.0.2 is a different host to the
-    backend than 127.0.0.1): records every request with its headers, answers from `server.routes`."""
-    state = server or Server()
-
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-        def _handle(self) -> None:
-            parts = urlsplit(self.path)
-            length = int(self.headers.get("content-length") or 0)
-            request = Request(self.command, parts.path, parse_qs(parts.query),
-                              {k.lower(): v for k, v in self.headers.items()}, self.rfile.read(length))
-            state.requests.append(request)
-            handler = state.routes.get(parts.path)
-            status, headers, body = handler(request) if handler else (404, {}, b"not found")
-            self.send_response(status)
-            for key, value in {"Content-Length": str(len(body)), **headers}.items():
-                self.send_header(key, value)
-            self.end_headers()
-            if body:
-                self.wfile.write(body)
-
-        do_GET = do_POST = _handle
-
-    httpd = ThreadingHTTPServer((host, 0), Handler)
-    httpd.daemon_threads = True
-    state.url = f"http://{host}:{httpd.server_address[1]}"
-    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    try:
-        yield state
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
-        thread.join(5)
-
 
 def spawn_worker(env: dict[str, str], name: str, log_dir: Path, connection: redis.Redis,
                  ready_timeout: float = 180.0) -> Process:

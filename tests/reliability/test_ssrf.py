@@ -17,7 +17,6 @@ import pytest
 from tests.backend.conftest import png_bytes
 from tests.backend.http_servers import FakeLabelStudio, serve, write_tree
 from tests.backend.ls_payloads import predict_body, setup_body, task
-from tests.reliability.conftest import serve_at
 
 pytestmark = pytest.mark.slow
 
@@ -32,7 +31,7 @@ def ls():
 
 @pytest.fixture(scope="module")
 def foreign():
-    with serve_at("127.0.0.2") as server:
+    with serve(host="127.0.0.2") as server:
         server.route("/img.png", body=PNG, headers={"Content-Type": "image/png"})
         server.route("/presigned.png", body=PNG, headers={"Content-Type": "image/png"})
         yield server
@@ -40,7 +39,7 @@ def foreign():
 
 @pytest.fixture(scope="module")
 def allowed(foreign):
-    with serve_at("127.0.0.3") as server:
+    with serve(host="127.0.0.3") as server:
         server.route("/img.png", body=PNG, headers={"Content-Type": "image/png"})
         server.route("/to-foreign", status=302, headers={"Location": foreign.url + "/img.png"})
         yield server
