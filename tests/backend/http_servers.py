@@ -84,13 +84,20 @@ def serve(server: Server | None = None, host: str = "127.0.0.1") -> Iterator[Ser
 
         do_GET = do_POST = do_HEAD = _handle
 
-    httpd = ThreadingHTTPServer((host, 0), Handler)
+    with serving(Handler, host) as url:
+        state.url = url
+        yield state
+
+
+@contextmanager
+def serving(handler: type[BaseHTTPRequestHandler], host: str = "127.0.0.1") -> Iterator[str]:
+    """Run `handler` in a threaded HTTP server on `host` (random port); yields its base URL, stops it on exit."""
+    httpd = ThreadingHTTPServer((host, 0), handler)
     httpd.daemon_threads = True
-    state.url = f"http://{host}:{httpd.server_address[1]}"
     thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
     try:
-        yield state
+        yield f"http://{host}:{httpd.server_address[1]}"
     finally:
         httpd.shutdown()
         httpd.server_close()

@@ -17,9 +17,11 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
+
+from tests.backend.http_servers import serving
 
 TOKEN = "standin-legacy-token"
 
@@ -223,14 +225,6 @@ def running(state: LabelStudioStandIn | None = None) -> Iterator[LabelStudioStan
 
         do_GET = do_POST = do_DELETE = do_PATCH = _handle
 
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    httpd.daemon_threads = True
-    ls.url = f"http://127.0.0.1:{httpd.server_address[1]}"
-    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    try:
+    with serving(Handler) as url:
+        ls.url = url
         yield ls
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
-        thread.join(5)
