@@ -246,7 +246,8 @@ class LabelStudioClient:
         return answer["task_ids"]
 
     def tasks(self, project: int) -> list[dict]:
-        answer = self.call("GET", "/api/tasks", params={"project": project, "page_size": 1000})
+        """Every task of the project (up to 1000) with its predictions and annotations."""
+        answer = self.call("GET", "/api/tasks", params={"project": project, "page_size": 1000, "fields": "all"})
         return answer["tasks"] if isinstance(answer, dict) else answer
 
     def task(self, task: int) -> dict:
@@ -380,15 +381,17 @@ class Sample:
     masks: dict[str, Any]  # label -> bool np.ndarray (H, W), union of the objects its prompts name
 
 
-def make_samples(out_dir: Path, count: int, *, expressions: int = 1, seed: int = 0) -> list[Sample]:
-    """`count` synthetic PNG scenes (evf_sam.data.synthetic) in `out_dir/images`; labels are the named shapes."""
+def make_samples(out_dir: Path, count: int, *, expressions: int = 1, seed: int = 0, min_side: int = 160,
+                 max_side: int = 320) -> list[Sample]:
+    """Up to `count` synthetic PNG scenes (evf_sam.data.synthetic) in `out_dir/images` (a scene offering no
+    expression is left out); labels are the named shapes."""
     import numpy as np
     from PIL import Image
 
     from evf_sam.data.synthetic import generate_dataset
 
     records = generate_dataset(out_dir, count, seed, "demo", expressions=expressions, semantic_ratio=0.0,
-                               min_side=160, max_side=320, image_format="png", progress=False)
+                               min_side=min_side, max_side=max_side, image_format="png", progress=False)
     grouped: dict[str, Sample] = {}
     for record in records:
         sample = grouped.setdefault(record.image, Sample(out_dir / record.image, {}, {}))

@@ -120,20 +120,26 @@ def backend_env(label_studio: LabelStudioServer, ls_pat: str, redis_db: RedisDB,
         WORKER_POLL_SECONDS="1")
 
 
-@pytest.fixture(scope="session")
-def backend_worker(backend_env: dict[str, str], redis_db: RedisDB,
-                   tmp_path_factory: pytest.TempPathFactory) -> Iterator[subprocess.Popen]:
-    """One `python -m backend worker`, registered with Redis before the tests use it."""
-    name = f"e2e-{redis_db.run_id}"
-    log_path = tmp_path_factory.mktemp("worker") / "worker.log"
-    process = spawn([sys.executable, "-m", "backend", "worker", "--name", name], backend_env, log_path)
+def start_worker(env: dict[str, str], redis_db: RedisDB, name: str, log_path: Path) -> subprocess.Popen:
+    """A `python -m backend worker --name NAME`, returned once it is registered with Redis (fails the test with its
+    log if it exits or takes over 300 s). Stop it with `stop_process_group`."""
+    process = spawn([sys.executable, "-m", "backend", "worker", "--name", name], env, log_path)
     client = redis_db.client()
     deadline = time.monotonic() + 300
     while not client.sismember("rq:workers", f"rq:worker:{name}"):
         if process.poll() is not None or time.monotonic() > deadline:
             stop_process_group(process)
-            pytest.fail(f"worker did not register:\n{log_path.read_text(errors='replace')[-3000:]}")
+            pytest.fail(f"worker {name} did not register:\n{log_path.read_text(errors='replace')[-3000:]}")
         time.sleep(0.3)
+    return process
+
+
+@pytest.fixture(scope="session")
+def backend_worker(backend_env: dict[str, str], redis_db: RedisDB,
+                   tmp_path_factory: pytest.TempPathFactory) -> Iterator[subprocess.Popen]:
+    """One `python -m backend worker`, registered with Redis before the tests use it."""
+    process = start_worker(backend_env, redis_db, f"e2e-{redis_db.run_id}",
+                           tmp_path_factory.mktemp("worker") / "worker.log")
     yield process
     stop_process_group(process)
 
