@@ -291,8 +291,8 @@ def login_cookies(url: str, credentials: Credentials) -> httpx.Client:
     client = httpx.Client(base_url=url, timeout=30, follow_redirects=False)
     client.get("/user/login/")
     csrf = client.cookies.get("csrftoken")
-    response = client.post("/user/login/", data={"email": credentials.email, "password": credentials.password,
-                                                 "csrfmiddlewaretoken": csrf}, headers={"Referer": f"{url}/user/login/"})
+    form = {"email": credentials.email, "password": credentials.password, "csrfmiddlewaretoken": csrf}
+    response = client.post("/user/login/", data=form, headers={"Referer": f"{url}/user/login/"})
     if "sessionid" not in client.cookies:
         raise LabelStudioError(f"login as {credentials.email} failed ({response.status_code})")
     return client
