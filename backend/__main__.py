@@ -40,11 +40,20 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", help="interface to bind (default: HOST or 0.0.0.0)")
     serve.add_argument("--port", type=int, help="port (default: PORT or 9090)")
 
-    worker = commands.add_parser("worker", help="run an RQ worker that holds the model (needs REDIS_URL)",
-                                 description="Take jobs from the interactive queue first, then batch. Loads the model "
-                                             "once before the first job. SIGTERM: finish the current job, then exit.")
+    worker = commands.add_parser(
+        "worker", help="run an RQ worker that holds the model (needs REDIS_URL); one per GPU",
+        description="Take jobs from the interactive queue first, then batch; predict jobs go through the model in "
+                    "batches (up to WORKER_BATCH_JOBS jobs, waiting at most WORKER_BATCH_WAIT_MS for them). Loads "
+                    "the model once before the first job. SIGTERM: finish the current batch, then exit. "
+                    "Several GPUs: one worker per GPU, e.g. `python -m backend worker --gpu 1` (or "
+                    "CUDA_VISIBLE_DEVICES=1 python -m backend worker).")
     worker.add_argument("--burst", action="store_true", help="exit once the queues are empty")
     worker.add_argument("--name", help="worker name (default: evf-<host>-<pid>)")
+    worker.add_argument("--gpu", help="serve on this GPU only (an index or a GPU UUID; sets CUDA_VISIBLE_DEVICES)")
+    worker.add_argument("--batch-jobs", type=_positive_int, metavar="N",
+                        help="predict jobs per batch (default: WORKER_BATCH_JOBS)")
+    worker.add_argument("--batch-wait-ms", type=_non_negative_float, metavar="T",
+                        help="longest wait for a batch to fill, in ms (default: WORKER_BATCH_WAIT_MS)")
 
     from backend import prelabel
 
@@ -60,6 +69,22 @@ def build_parser() -> argparse.ArgumentParser:
         "corrections", help="report on or train from the collected corrections (CORRECTIONS_DIR)",
         description="Annotators' corrections of our predictions, collected from Label Studio webhooks."))
     return parser
+
+
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text!r}")
+    return int(text)
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value <= 10_000:
+        raise argparse.ArgumentTypeError(f"must be a number of milliseconds from 0 to 10000, got {text!r}")
+    return value
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -86,10 +111,15 @@ def main(argv: list[str] | None = None) -> int:
     if settings.redis_url is None:
         print("python -m backend worker needs REDIS_URL (without it, `serve` runs the jobs itself)", file=sys.stderr)
         return 2
+    from backend.placement import pin_gpu
     from backend.worker import run_worker
     from evf_sam.errors import EvfError
 
+    overrides = {"worker_batch_jobs": args.batch_jobs, "worker_batch_wait_ms": args.batch_wait_ms}
+    settings = settings.model_copy(update={key: value for key, value in overrides.items() if value is not None})
     try:
+        if args.gpu is not None:
+            pin_gpu(args.gpu)
         return run_worker(settings, burst=args.burst, name=args.name)
     except EvfError as error:
         print(f"cannot load the model: {error}", file=sys.stderr)

@@ -20,6 +20,8 @@ import hashlib
 import logging
 import threading
 import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,19 +46,23 @@ class Runtime:
     device: str
     dtype: str
     checkpoint: str
+    preprocess: str = "cpu"  # where images are resized/normalised: "cpu" or "device"
     # The predictor (its embedding cache) is not thread-safe; embedded mode and in-process callers share it.
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def info(self) -> dict[str, str]:
         """What /health and the worker registry report about the model."""
         return {"model_name": self.model_name, "fingerprint": self.fingerprint, "family": self.family,
-                "device": self.device, "dtype": self.dtype, "checkpoint": self.checkpoint}
+                "device": self.device, "dtype": self.dtype, "preprocess": self.preprocess,
+                "checkpoint": self.checkpoint}
 
 
-_runtimes: dict[tuple[str, str, str], Runtime] = {}
+_runtimes: dict[tuple[str, str, str, str], Runtime] = {}
 _runtime_lock = threading.Lock()
 _fetchers: dict[str | None, Any] = {}
 _fetcher_lock = threading.Lock()
+_pool: ThreadPoolExecutor | None = None
+_pool_lock = threading.Lock()
 
 
 def get_runtime(settings: Settings | None = None) -> Runtime:
@@ -70,7 +76,7 @@ def get_runtime(settings: Settings | None = None) -> Runtime:
 
     settings = settings or get_settings()
     checkpoint = active_checkpoint(settings)
-    key = (checkpoint, settings.evf_sam_device, settings.evf_sam_dtype)
+    key = (checkpoint, settings.evf_sam_device, settings.evf_sam_dtype, settings.evf_sam_preprocess)
     with _runtime_lock:
         if key not in _runtimes:
             runtime = _load_runtime(settings, checkpoint)
@@ -83,24 +89,26 @@ def _load_runtime(settings: Settings, checkpoint: str) -> Runtime:
     import torch
 
     import evf_sam
+    from backend import placement
     from evf_sam.errors import CheckpointError
 
     if settings.evf_sam_checkpoint == DEMO_CHECKPOINT and not Path(checkpoint).is_dir():
         raise CheckpointError(f"the default demo model {checkpoint} is missing; set EVF_SAM_CHECKPOINT to a "
                               "checkpoint directory or a Hugging Face repo id")
-    device = settings.evf_sam_device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    where = placement.resolve(settings.evf_sam_device, settings.evf_sam_dtype, settings.evf_sam_preprocess,
+                              visible_gpus=placement.visible_gpus())
     started = time.perf_counter()
-    model = evf_sam.load_model(checkpoint, device=device, dtype=getattr(torch, settings.evf_sam_dtype))
+    model = evf_sam.load_model(checkpoint, device=where.device, dtype=getattr(torch, where.dtype))
     predictor = evf_sam.EvfPredictor(model, cache_size=settings.embedding_cache_size,
                                      max_image_batch=settings.image_batch_size,
-                                     max_prompt_batch=settings.prompt_batch_size)
+                                     max_prompt_batch=settings.prompt_batch_size,
+                                     preprocess_device=where.preprocess)
     runtime = Runtime(predictor=predictor,
                       model_name=model.model_name, fingerprint=model.fingerprint, family=model.family,
-                      device=device, dtype=settings.evf_sam_dtype, checkpoint=checkpoint)
-    log.info("loaded %s (%s) on %s/%s in %.1f s", runtime.model_name, runtime.fingerprint, device,
-             settings.evf_sam_dtype, time.perf_counter() - started)
+                      device=where.device, dtype=where.dtype, checkpoint=checkpoint,
+                      preprocess="device" if where.preprocess else "cpu")
+    log.info("loaded %s (%s) on %s/%s, preprocessing on %s, in %.1f s", runtime.model_name, runtime.fingerprint,
+             runtime.device, runtime.dtype, runtime.preprocess, time.perf_counter() - started)
     return runtime
 
 
@@ -128,34 +136,134 @@ def predict_task(payload: dict[str, Any]) -> dict[str, Any]:
     All prompts of an image run in one predictor call. An empty mask yields no region (so a task with nothing
     found returns `"result": []`). Raises `backend.errors.BackendError` for bad media or prompts.
     """
+    [outcome] = predict_tasks([payload])
+    if isinstance(outcome, Exception):
+        raise outcome
+    return outcome
+
+
+def predict_tasks(payloads: Sequence[dict[str, Any]]) -> list[dict[str, Any] | Exception]:
+    """Predict several tasks with one predictor call (all their images and prompts at once): for each payload, in
+    order, its LS prediction (as `predict_task` returns it) or the exception that failed it.
+
+    Downloads, decoding and mask encoding run on WORKER_THREADS threads. A task with a bad image or prompt fails
+    alone; should the batched model call itself fail, every task is predicted on its own so only the culprit fails.
+    """
     settings = get_settings()
     runtime = get_runtime(settings)
-    options = payload.get("options") or {}
-    task_id = payload.get("task_id")
+    pool = _get_pool(settings)
+    outcomes: list[Any] = _each(pool, lambda payload: _prepare(payload, settings, runtime), payloads)
+    ready = [index for index, outcome in enumerate(outcomes) if isinstance(outcome, _Prepared)]
+    predicted = []
+    for index, predictions in zip(ready, _predict(runtime, [outcomes[index] for index in ready])):
+        if isinstance(predictions, Exception):
+            outcomes[index] = predictions
+        else:
+            predicted.append((index, outcomes[index], predictions))
+    finished = _each(pool, lambda item: _finish(item[1], item[2]), predicted)
+    for (index, _, _), result in zip(predicted, finished):
+        outcomes[index] = result
+    return outcomes
+
+
+@dataclass
+class _Prepared:
+    """A task ready for the model: its payload, decoded images (uint8 RGB, EXIF-transposed) and model_version."""
+
+    payload: dict[str, Any]
+    images: list[np.ndarray]
+    model_version: str
+
+    @property
+    def items(self) -> list[tuple[np.ndarray, list[str]]]:
+        """(image, prompts) per image, as the predictor takes them."""
+        return [(image, [request["prompt"] for request in group["requests"]])
+                for image, group in zip(self.images, self.payload["images"])]
+
+    @property
+    def semantic(self) -> bool:
+        return bool((self.payload.get("options") or {}).get("semantic", False))
+
+
+def _prepare(payload: dict[str, Any], settings: Settings, runtime: Runtime) -> _Prepared:
+    """Fetch and decode the task's images and check its prompts (so a bad task fails before the batched call)."""
+    from evf_sam.transforms import check_prompts, load_image
+
     model_version = format_model_version(runtime.model_name, runtime.fingerprint, payload["prompt_hash"])
     fetcher = _get_fetcher(settings, payload.get("hostname"))
+    images = []
+    for group in payload["images"]:
+        check_prompts([request["prompt"] for request in group["requests"]])
+        # An array, not the PIL image: the fetcher already applied the EXIF orientation, the predictor must not.
+        images.append(load_image(np.asarray(fetcher.fetch(group["url"], task_id=payload.get("task_id")))))
+    return _Prepared(payload, images, model_version)
 
-    groups = payload["images"]
-    images = [fetcher.fetch(group["url"], task_id=task_id) for group in groups]
-    # Arrays, not PIL images: the fetcher already applied the EXIF orientation, the predictor must not redo it.
-    with runtime.lock:
-        batches = runtime.predictor.predict_batch(
-            [(np.asarray(image), [request["prompt"] for request in group["requests"]])
-             for image, group in zip(images, groups)],
-            semantic=bool(options.get("semantic", False)))
 
+def _predict(runtime: Runtime, tasks: list[_Prepared]) -> list[list[Any] | Exception]:
+    """One predictor call per `semantic` flag over all the tasks' images; per task its predictions per image."""
+    outcomes: list[list[Any] | Exception] = [[] for _ in tasks]
+    for semantic in sorted({task.semantic for task in tasks}):
+        members = [index for index, task in enumerate(tasks) if task.semantic == semantic]
+        items = [item for index in members for item in tasks[index].items]
+        try:
+            with runtime.lock:
+                predictions = runtime.predictor.predict_batch(items, semantic=semantic)
+        except Exception as error:  # noqa: BLE001 - isolated below: only the tasks that fail alone fail
+            if len(members) == 1:
+                outcomes[members[0]] = error
+                continue
+            log.warning("batched prediction of %d tasks failed (%s); predicting them one by one", len(members),
+                        error)
+            for index in members:
+                outcomes[index] = _predict(runtime, [tasks[index]])[0]
+            continue
+        start = 0
+        for index in members:
+            count = len(tasks[index].images)
+            outcomes[index] = predictions[start:start + count]
+            start += count
+    return outcomes
+
+
+def _finish(task: _Prepared, predictions: list[list[Any]]) -> dict[str, Any]:
+    """Masks -> the LS prediction: optional cleanup, one region per mask (or component), brush RLE."""
+    payload, model_version = task.payload, task.model_version
+    options = payload.get("options") or {}
+    task_id = payload.get("task_id")
     regions: list[dict[str, Any]] = []
-    for image, group, predictions in zip(images, groups, batches):
-        width, height = image.size
-        for number, (request, prediction) in enumerate(zip(group["requests"], predictions)):
+    for image, group, image_predictions in zip(task.images, payload["images"], predictions):
+        height, width = image.shape[:2]
+        for number, (request, prediction) in enumerate(zip(group["requests"], image_predictions)):
             for index, mask in enumerate(_postprocess(prediction.mask, options)):
                 region_id = _region_id(task_id, group["to_name"], number, request, index, model_version)
                 regions.append(_region(region_id, group["to_name"], request, mask, width, height,
                                        _confidence(prediction.score)))
     score = float(np.mean([region["score"] for region in regions])) if regions else 0.0
     log.info("task %s: %d region(s) from %d prompt(s), score %.3f", task_id, len(regions),
-             sum(len(group["requests"]) for group in groups), score)
+             sum(len(group["requests"]) for group in payload["images"]), score)
     return {"result": regions, "score": round(score, 4), "model_version": model_version}
+
+
+def _get_pool(settings: Settings) -> ThreadPoolExecutor:
+    """The process-wide thread pool of the CPU stages (WORKER_THREADS threads)."""
+    global _pool
+    with _pool_lock:
+        if _pool is None:
+            _pool = ThreadPoolExecutor(settings.worker_threads, thread_name_prefix="evf-cpu")
+        return _pool
+
+
+def _each(pool: ThreadPoolExecutor, function: Callable[[Any], Any], items: Sequence[Any]) -> list[Any]:
+    """`function` over `items` (on the pool when there are several); each result, or the Exception it raised."""
+    def guarded(item: Any) -> Any:
+        try:
+            return function(item)
+        except Exception as error:  # noqa: BLE001 - the caller reports it as that item's failure
+            return error
+
+    if len(items) <= 1:
+        return [guarded(item) for item in items]
+    return list(pool.map(guarded, items))
 
 
 def _confidence(predicted_iou: float) -> float:
@@ -222,3 +330,7 @@ def record_event(event: dict[str, Any]) -> dict[str, Any]:
 
 def _id_of(value: Any) -> Any:
     return value.get("id") if isinstance(value, dict) else value
+
+
+# Job functions whose jobs may run together (worker and embedded mode), mapped to their batched form.
+BATCHED: dict[str, Callable[[Sequence[dict[str, Any]]], list[Any]]] = {f"{__name__}.predict_task": predict_tasks}

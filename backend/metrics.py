@@ -14,6 +14,8 @@ TASK_SECONDS = Histogram("evf_task_seconds", "Seconds from enqueue to result per
 REGIONS = Counter("evf_regions_total", "Brush regions returned")
 WEBHOOKS = Counter("evf_webhooks_total", "Webhook events received", ["action", "outcome"])
 QUEUE_DEPTH = Gauge("evf_queue_depth", "Jobs waiting per queue (sampled at scrape)", ["queue"])
+BATCH_JOBS = Histogram("evf_batch_jobs", "Predict jobs per batched model call in this process (embedded mode; RQ "
+                       "workers record it in each job's meta)", buckets=(1, 2, 4, 8, 16, 32, 64))
 WORKERS = Gauge("evf_workers", "Workers listening (sampled at scrape)")
 
 

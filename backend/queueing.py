@@ -197,17 +197,58 @@ class EmbeddedDispatcher:
             _, _, item = self._queue.get()
             if item is None:
                 return
-            function, payload, future, lane = item
+            items = [item, *self._take_more(item)]
             with self._lock:
-                self._waiting[lane] -= 1
+                for _, _, _, lane in items:
+                    self._waiting[lane] -= 1
                 self._busy = True
             try:
-                if future.set_running_or_notify_cancel():
+                running = [entry for entry in items if entry[2].set_running_or_notify_cancel()]
+                if running:
                     self._follow_promoted_checkpoint()
-                    self._run_one(function, payload, future)
+                batch = [entry for entry in running if _batched_form(entry[0]) is not None]
+                if batch:
+                    self._run_batch(batch)
+                for function, payload, future, _ in running:
+                    if not future.done():
+                        self._run_one(function, payload, future)
             finally:
                 with self._lock:
                     self._busy = False
+
+    def _take_more(self, first: tuple[Any, ...]) -> list[tuple[Any, ...]]:
+        """After a predict job: up to WORKER_BATCH_JOBS - 1 more waiting jobs (interactive first), waiting at most
+        WORKER_BATCH_WAIT_MS for them."""
+        if _batched_form(first[0]) is None:
+            return []
+        taken: list[tuple[Any, ...]] = []
+        deadline = time.monotonic() + self.settings.worker_batch_wait_ms / 1000
+        while len(taken) < self.settings.worker_batch_jobs - 1:
+            try:
+                entry = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+            except stdlib_queue.Empty:
+                break
+            if entry[2] is None:  # close(): hand the stop back to the loop
+                self._queue.put(entry)
+                break
+            taken.append(entry[2])
+        return taken
+
+    def _run_batch(self, batch: list[tuple[Any, ...]]) -> None:
+        """Predict jobs through one batched call; a task that failed for a transient reason is retried alone."""
+        metrics.BATCH_JOBS.observe(len(batch))
+        try:
+            outcomes = _batched_form(batch[0][0])([payload for _, payload, _, _ in batch])
+        except Exception as error:  # noqa: BLE001 - e.g. the model failed to load: every task of the batch failed
+            outcomes = [error] * len(batch)
+        for (function, payload, future, _), outcome in zip(batch, outcomes):
+            if not isinstance(outcome, Exception):
+                future.set_result(outcome)
+            elif is_permanent(outcome) or not self.settings.job_retries:
+                future.set_exception(outcome)
+            else:
+                log.warning("job failed (%s), retrying: %s", *failure_reason(outcome))
+                self._run_one(function, payload, future, attempts=self.settings.job_retries)
 
     def _follow_promoted_checkpoint(self) -> None:
         """Switch to the checkpoint training promoted since the last job, so /setup reports its model_version."""
@@ -218,16 +259,26 @@ class EmbeddedDispatcher:
         except Exception as error:  # noqa: BLE001 - the job reports the same failure with its own reason
             log.error("cannot load the promoted checkpoint: %s", error)
 
-    def _run_one(self, function: Any, payload: dict[str, Any], future: concurrent.futures.Future) -> None:
-        for attempt in range(self.settings.job_retries + 1):
+    def _run_one(self, function: Any, payload: dict[str, Any], future: concurrent.futures.Future,
+                 attempts: int | None = None) -> None:
+        """Run one job, retrying transient failures: `attempts` tries (default: 1 + JOB_RETRIES)."""
+        attempts = self.settings.job_retries + 1 if attempts is None else attempts
+        for attempt in range(attempts):
             try:
                 future.set_result(function(payload))
                 return
             except Exception as error:  # noqa: BLE001 - every failure becomes the task's reported reason
-                if is_permanent(error) or attempt == self.settings.job_retries:
+                if is_permanent(error) or attempt == attempts - 1:
                     future.set_exception(error)
                     return
                 log.warning("job failed (%s), retrying: %s", *failure_reason(error))
+
+
+def _batched_form(function: Any) -> Any:
+    """The batched form of a job function (backend.jobs.BATCHED), or None when its jobs run one by one."""
+    from backend import jobs
+
+    return jobs.BATCHED.get(f"{function.__module__}.{function.__qualname__}")
 
 
 # --- Redis / RQ mode ---------------------------------------------------------------------------------------------

@@ -39,7 +39,13 @@ class Settings(BaseSettings):
         description="Checkpoint directory or Hugging Face repo id (default: the shipped demo model).")
     evf_sam_device: str = Field("auto", validation_alias="EVF_SAM_DEVICE",
                                 description='"auto" (cuda when available, else cpu), "cpu", "cuda", "cuda:1", ...')
-    evf_sam_dtype: Literal["float32", "float16", "bfloat16"] = Field("float32", validation_alias="EVF_SAM_DTYPE")
+    evf_sam_dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
+        "auto", validation_alias="EVF_SAM_DTYPE",
+        description='"auto": bfloat16 on CUDA (the fast path), float32 on CPU; or "float32", "bfloat16", "float16".')
+    evf_sam_preprocess: Literal["auto", "cpu", "device"] = Field(
+        "auto", validation_alias="EVF_SAM_PREPROCESS",
+        description='Where images are resized and normalised: "auto" (on the GPU when the model is on CUDA: uint8 '
+                    'uploads; else CPU), "cpu" (the reference path) or "device" (the model\'s device).')
     embedding_cache_size: int = Field(32, ge=0, validation_alias="EMBEDDING_CACHE_SIZE",
                                       description="Image embeddings kept per worker (LRU) so new prompts skip the encoder.")
     image_batch_size: int = Field(8, ge=1, validation_alias="IMAGE_BATCH_SIZE",
@@ -92,6 +98,16 @@ class Settings(BaseSettings):
         description="Seconds between a worker's checks for abandoned jobs.")
     worker_poll_seconds: int = Field(5, ge=1, validation_alias="WORKER_POLL_SECONDS",
                                      description="Longest an idle worker blocks on Redis before its maintenance.")
+    worker_batch_jobs: int = Field(
+        8, ge=1, validation_alias="WORKER_BATCH_JOBS",
+        description="Predict jobs a worker (or the embedded server) runs through the model together: after taking "
+                    "one it takes up to this many ready ones (interactive first). 1: one job at a time.")
+    worker_batch_wait_ms: float = Field(
+        5.0, ge=0, le=10_000, validation_alias="WORKER_BATCH_WAIT_MS",
+        description="Milliseconds a worker waits for more jobs when fewer than WORKER_BATCH_JOBS are ready.")
+    worker_threads: int = Field(
+        4, ge=1, validation_alias="WORKER_THREADS",
+        description="Threads per worker that download and decode the images and encode the masks of a batch.")
 
     # --- media ----------------------------------------------------------------------------------------------------
     local_files_document_root: Path | None = Field(
@@ -183,6 +199,8 @@ class Settings(BaseSettings):
             "checkpoint": self.checkpoint,
             "device": self.evf_sam_device,
             "dtype": self.evf_sam_dtype,
+            "preprocess": self.evf_sam_preprocess,
+            "batch": {"jobs": self.worker_batch_jobs, "wait_ms": self.worker_batch_wait_ms},
             "label_studio_url": self.label_studio_url,
             "label_studio_api_key": "set" if self.label_studio_api_key else None,
             "basic_auth": "on" if self.basic_auth_user else "off",

@@ -1,9 +1,13 @@
 """`python -m backend worker`: an RQ worker process that holds the model and serves `interactive` before `batch`.
 
-One worker per GPU. Jobs run in the worker process itself (no fork after CUDA init). While busy, the worker
-heartbeats every WORKER_HEARTBEAT_INTERVAL seconds; a worker that dies mid-job stops heartbeating, its job's
-StartedJobRegistry entry expires after WORKER_ABANDONED_AFTER seconds, and the next registry maintenance of any
-worker (RQ's abandoned-job handling) puts the job back on its queue while it has retries left.
+One worker per GPU (`--gpu N` or CUDA_VISIBLE_DEVICES). Jobs run in the worker process itself (no fork after CUDA
+init). Dynamic batching: after taking a predict job the worker takes up to WORKER_BATCH_JOBS - 1 more ready ones
+(interactive first), waiting at most WORKER_BATCH_WAIT_MS while fewer are ready; their tasks go through one batched
+model call (`backend.jobs.predict_tasks`) and each job is completed with its own result or failure through RQ's own
+success/failure handling. While busy, the worker heartbeats every WORKER_HEARTBEAT_INTERVAL seconds for every job
+it holds; a worker that dies mid-batch stops heartbeating, the jobs' StartedJobRegistry entries expire after
+WORKER_ABANDONED_AFTER seconds, and the next registry maintenance of any worker (RQ's abandoned-job handling) puts
+them back on their queues while they have retries left.
 """
 
 from __future__ import annotations
@@ -11,8 +15,10 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import sys
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -21,19 +27,25 @@ from rq import worker_registration
 from rq.job import Job
 from rq.queue import Queue
 from rq.serializers import JSONSerializer
+from rq.timeouts import JobTimeoutException
+from rq.utils import now
 from rq.worker import SimpleWorker, WorkerStatus
 
 from backend.queueing import make_queues, publish_model_info, redis_connection
 from backend.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
+BATCH_POLL_SECONDS = 0.001
 
 
 class EvfWorker(SimpleWorker):
-    """A non-forking RQ worker whose running jobs are declared abandoned soon after the worker dies."""
+    """A non-forking RQ worker that runs predict jobs in batches and whose running jobs are declared abandoned soon
+    after the worker dies."""
 
     abandoned_after = 20
     heartbeat_interval = 5.0
+    batch_jobs = 1  # predict jobs run through the model together (WORKER_BATCH_JOBS)
+    batch_wait = 0.0  # seconds to wait for more of them (WORKER_BATCH_WAIT_MS)
     announce: Callable[[], None] | None = None  # re-publishes the model info (set by run_worker)
     before_job: Callable[[], None] | None = None  # switches to a newly promoted checkpoint (set by run_worker)
 
@@ -62,26 +74,105 @@ class EvfWorker(SimpleWorker):
         return self.abandoned_after
 
     def execute_job(self, job: Job, queue: Queue) -> None:
+        """Run `job`; a predict job first gathers up to `batch_jobs` - 1 more ready jobs (interactive first, waiting
+        at most `batch_wait` seconds) and all of them go through the model together. Every job taken is in RQ's
+        StartedJobRegistry from the moment it is taken, so a worker that dies mid-batch leaves them all to be retried.
+        """
         if self.before_job is not None:
             self.before_job()
-        execution = self.prepare_execution(job)
+        taken = [(job, queue, self.prepare_execution(job))]
         done = threading.Event()
-        beat = threading.Thread(target=self._heartbeat_while_busy, args=(job, execution, done),
-                                name="evf-heartbeat", daemon=True)
+        beat = threading.Thread(target=self._heartbeat_while_busy, args=(taken, done), name="evf-heartbeat",
+                                daemon=True)
         beat.start()
         try:
-            self.perform_job(job, queue, execution)
+            if _batched_form(job) is not None:
+                self._take_more(taken)
+            batch = [entry for entry in taken if _batched_form(entry[0]) is not None]
+            if batch:
+                self._perform_batch(batch)
+            for entry in taken:
+                if entry not in batch:
+                    self.perform_job(*entry)
         finally:
             done.set()
             beat.join()
         self.set_state(WorkerStatus.IDLE)
 
-    def _heartbeat_while_busy(self, job: Job, execution: Any, done: threading.Event) -> None:
-        while not done.wait(self.heartbeat_interval):
+    def _take_more(self, taken: list[tuple[Job, Queue, Any]]) -> None:
+        """Add up to `batch_jobs` - 1 more jobs to `taken`, from the queues in priority order, each started at once
+        (so it cannot be lost); polls until `batch_wait` seconds have passed while fewer are ready."""
+        deadline = time.monotonic() + self.batch_wait
+        while len(taken) < self.batch_jobs and not self._stop_requested:
             try:
-                self.maintain_heartbeats(job, execution)
+                found = self.queue_class.dequeue_any(self._ordered_queues, None, connection=self.connection,
+                                                     job_class=self.job_class, serializer=self.serializer,
+                                                     death_penalty_class=self.death_penalty_class)
             except RedisError as error:
-                self.log.warning("heartbeat for job %s failed: %s", job.id, error)
+                self.log.warning("worker %s: stopped gathering a batch: %s", self.name, error)
+                return
+            if found is not None:
+                taken.append((*found, self.prepare_execution(found[0])))
+                continue
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            time.sleep(min(remaining, BATCH_POLL_SECONDS))
+
+    def _perform_batch(self, batch: list[tuple[Job, Queue, Any]]) -> None:
+        """Run predict jobs through one batched call, then complete each with its own result or failure exactly as
+        RQ's perform_job does (success/failure registries, callbacks, retries)."""
+        jobs = [job for job, _, _ in batch]
+        for job, _, _ in batch:
+            self.prepare_job_execution(job, remove_from_intermediate_queue=len(self.queues) == 1)
+            job.started_at = now()
+        batch_id = uuid.uuid4().hex[:12]
+        with self.connection.pipeline() as pipeline:
+            for position, job in enumerate(jobs):
+                job.meta["batch"] = {"id": batch_id, "size": len(jobs), "position": position}
+                pipeline.hset(job.key, "meta", job.serializer.dumps(job.meta))
+            pipeline.execute()
+        timeout = min(job.timeout or self.queue_class.DEFAULT_TIMEOUT for job in jobs)
+        started = time.perf_counter()
+        try:
+            with self.death_penalty_class(timeout, _BatchTimeout, job_id=jobs[0].id):
+                outcomes = _batched_form(jobs[0])([job.args[0] for job in jobs])
+        except _BatchTimeout:
+            outcomes = [JobTimeoutException(f"the batch of {len(jobs)} task(s) ran longer than {timeout} s "
+                                            "(JOB_TIMEOUT)") for _ in jobs]
+        except Exception as error:  # noqa: BLE001 - the batch function isolates tasks; this is a failure of all
+            outcomes = [error for _ in jobs]
+        self.log.info("worker %s: batch %s of %d job(s) predicted in %.0f ms", self.name, batch_id, len(jobs),
+                      (time.perf_counter() - started) * 1000)
+        for (job, queue, execution), outcome in zip(batch, outcomes):
+            try:
+                if isinstance(outcome, BaseException):
+                    raise outcome
+                self._finalize_success(job, queue, execution, outcome)
+            except Exception:  # noqa: BLE001 - as RQ's perform_job: any failure is the job's failure
+                self._finalize_failure(job, queue, execution, sys.exc_info())
+
+    def _heartbeat_while_busy(self, taken: list[tuple[Job, Queue, Any]], done: threading.Event) -> None:
+        while not done.wait(self.heartbeat_interval):
+            for job, _, execution in list(taken):
+                try:
+                    self.maintain_heartbeats(job, execution)
+                except RedisError as error:
+                    self.log.warning("heartbeat for job %s failed: %s", job.id, error)
+                    break
+
+
+class _BatchTimeout(BaseException):
+    """A batch ran past its JOB_TIMEOUT (a BaseException, so no per-task error handling swallows it)."""
+
+
+def _batched_form(job: Job) -> Callable[[list[dict[str, Any]]], list[Any]] | None:
+    """The batched form of a job's function (jobs.BATCHED) when the job can join a batch, else None."""
+    from backend import jobs
+
+    if job.kwargs or len(job.args) != 1:
+        return None
+    return jobs.BATCHED.get(job.func_name or "")
 
 
 def run_worker(settings: Settings | None = None, *, burst: bool = False, name: str | None = None) -> int:
@@ -121,6 +212,8 @@ def run_worker(settings: Settings | None = None, *, burst: bool = False, name: s
                            default_result_ttl=settings.result_ttl)
         worker.abandoned_after = settings.worker_abandoned_after
         worker.heartbeat_interval = settings.worker_heartbeat_interval
+        worker.batch_jobs = settings.worker_batch_jobs
+        worker.batch_wait = settings.worker_batch_wait_ms / 1000
         worker.announce = announce
         worker.before_job = switch_to_promoted_checkpoint
         return worker

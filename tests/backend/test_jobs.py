@@ -99,3 +99,30 @@ def test_scores_are_confidences_in_the_unit_interval(job_env, image_server):
     prediction = jobs.predict_task(payload(image_server.image_url("red.png")))
     assert 0.0 <= prediction["score"] <= 1.0
     assert all(0.0 <= region["score"] <= 1.0 for region in prediction["result"])
+
+
+def test_predict_tasks_answers_each_task_as_predict_task_does(job_env, image_server):
+    bodies = [payload(image_server.image_url(name)) for name in ("red.png", "exif.jpg", "small.png")]
+    for number, body in enumerate(bodies):
+        body["task_id"] = number
+    assert jobs.predict_tasks(bodies) == [jobs.predict_task(body) for body in bodies]
+
+
+def test_a_bad_task_in_a_batch_fails_alone_with_its_reason(job_env, image_server):
+    good, broken = payload(image_server.image_url("red.png")), payload(image_server.image_url("broken.png"))
+    blank = payload(image_server.image_url("small.png"))
+    blank["images"][0]["requests"][0]["prompt"] = "  "
+    outcomes = jobs.predict_tasks([good, broken, blank])
+    assert outcomes[0] == jobs.predict_task(good)
+    assert isinstance(outcomes[1], BackendError) and "corrupt" in outcomes[1].message
+    assert "prompt 0 is empty" in str(outcomes[2])
+
+
+def test_when_the_batched_call_fails_only_the_tasks_that_fail_alone_fail(job_env, image_server):
+    """The tiny checkpoint is not multitask, so the model refuses semantic=True: those tasks fail, one by one."""
+    plain = payload(image_server.image_url("red.png"))
+    semantic = [payload(image_server.image_url(name), semantic=True) for name in ("red.png", "small.png")]
+    outcomes = jobs.predict_tasks([semantic[0], plain, semantic[1]])
+    assert outcomes[1] == jobs.predict_task(plain)
+    for outcome in (outcomes[0], outcomes[2]):
+        assert isinstance(outcome, Exception) and "multitask" in str(outcome)

@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 from rq.job import Job
-from rq.registry import FailedJobRegistry, StartedJobRegistry
+from rq.registry import FailedJobRegistry, FinishedJobRegistry, StartedJobRegistry
 from rq.serializers import JSONSerializer
 
 from tests.backend.ls_payloads import predict_body, setup_body, task, textarea_context
@@ -33,14 +33,17 @@ def test_health_in_redis_mode_reports_the_workers_model(rq_stack, tiny_checkpoin
 
 
 @pytest.mark.parametrize("mode", ["redis", "embedded"])
-def test_interactive_jobs_overtake_a_full_batch_queue(mode, own_queues, start_server, start_worker, embedded_server,
-                                                      image_server):
-    processes = []
+def test_interactive_jobs_overtake_a_full_batch_queue(mode, own_queues, model_env, start_server, start_worker,
+                                                      image_server, redis_db):
+    """One job at a time (WORKER_BATCH_JOBS=1, as before batching): the next job taken is the interactive one.
+    With batching, the next batch starts with it (tests/backend/test_worker_batching.py)."""
+    one_at_a_time = {"WORKER_BATCH_JOBS": "1"}
     if mode == "redis":  # one worker on queues of its own: no other test's worker can take these jobs
-        processes = [start_worker(own_queues, name=f"overtake-{own_queues['QUEUE_BATCH']}"), start_server(own_queues)]
-        url = processes[1].url
+        env = {**own_queues, **one_at_a_time}
+        processes = [start_worker(env, name=f"overtake-{own_queues['QUEUE_BATCH']}"), start_server(env)]
     else:
-        url = embedded_server.url
+        processes = [start_server({**model_env, **one_at_a_time})]
+    url = processes[-1].url
     assert httpx.post(url + "/setup", json=setup_body()).status_code == 200
     delay = 0.6
     batch = [task(i, image_server.image_url("red.png", delay=delay)) for i in range(1, 9)]  # 8 > 4: batch queue
@@ -59,6 +62,11 @@ def test_interactive_jobs_overtake_a_full_batch_queue(mode, own_queues, start_se
     hits = image_server.hits[first_hit:]
     assert hits.count("/red.png") >= 8
     assert hits[hits.index("/small.png") + 1:].count("/red.png") >= 4
+    if mode == "redis":  # every job ran alone
+        ids = [job_id for lane in ("QUEUE_INTERACTIVE", "QUEUE_BATCH")
+               for job_id in FinishedJobRegistry(own_queues[lane], connection=redis_db.client()).get_job_ids()]
+        jobs = Job.fetch_many(ids, connection=redis_db.client(), serializer=JSONSerializer)
+        assert len(jobs) == 9 and {job.meta["batch"]["size"] for job in jobs} == {1}
     for process in processes:
         process.stop()
 
@@ -140,16 +148,17 @@ def test_burst_worker_drains_queued_webhook_events_and_exits(own_queues, start_s
 def test_tasks_past_the_deadline_get_empty_predictions_and_queued_ones_are_cancelled(own_queues, start_server,
                                                                                      start_worker, image_server,
                                                                                      redis_db):
-    worker = start_worker(own_queues, name=f"deadline-{own_queues['QUEUE_BATCH']}")  # the only one on these queues
+    # the only worker on these queues; batches of 2, so the third task waits in the queue
+    worker = start_worker({**own_queues, "WORKER_BATCH_JOBS": "2"}, name=f"deadline-{own_queues['QUEUE_BATCH']}")
     server = start_server({**own_queues, "PREDICT_TIMEOUT": "2"})
     httpx.post(server.url + "/setup", json=setup_body())
-    slow = [task(i, image_server.image_url("red.png", delay=3)) for i in (51, 52)]
+    slow = [task(i, image_server.image_url("red.png", delay=3)) for i in (51, 52, 53)]
     started = time.monotonic()
     results = httpx.post(server.url + "/predict", json=predict_body(slow), timeout=30).json()["results"]
     assert time.monotonic() - started < 10
-    assert [r["result"] for r in results] == [[], []] and all(r["model_version"] for r in results)
-    assert 'evf_task_failures_total{reason="timeout"} 2.0' in httpx.get(server.url + "/metrics").text
+    assert [r["result"] for r in results] == [[], [], []] and all(r["model_version"] for r in results)
+    assert 'evf_task_failures_total{reason="timeout"} 3.0' in httpx.get(server.url + "/metrics").text
     canceled = redis_db.client().zcard(f"rq:canceled:{own_queues['QUEUE_INTERACTIVE']}")
-    assert canceled >= 1  # the second task never started: cancelled, not left for a worker
+    assert canceled >= 1  # the third task never started: cancelled, not left for a worker
     worker.stop()
     server.stop()
