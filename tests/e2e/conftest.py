@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -120,28 +121,39 @@ def backend_env(label_studio: LabelStudioServer, ls_pat: str, redis_db: RedisDB,
         WORKER_POLL_SECONDS="1")
 
 
-def start_worker(env: dict[str, str], redis_db: RedisDB, name: str, log_path: Path) -> subprocess.Popen:
-    """A `python -m backend worker --name NAME`, returned once it is registered with Redis (fails the test with its
-    log if it exits or takes over 300 s). Stop it with `stop_process_group`."""
-    process = spawn([sys.executable, "-m", "backend", "worker", "--name", name], env, log_path)
-    client = redis_db.client()
-    deadline = time.monotonic() + 300
-    while not client.sismember("rq:workers", f"rq:worker:{name}"):
-        if process.poll() is not None or time.monotonic() > deadline:
-            stop_process_group(process)
-            pytest.fail(f"worker {name} did not register:\n{log_path.read_text(errors='replace')[-3000:]}")
-        time.sleep(0.3)
-    return process
+@dataclass
+class Worker:
+    """A `python -m backend worker --name NAME` process and its log. Stop it with `stop_process_group(w.process)`."""
+
+    process: subprocess.Popen
+    name: str
+    log_path: Path
+
+    @classmethod
+    def spawn(cls, env: dict[str, str], name: str, log_path: Path) -> Worker:
+        """Start it and return at once (it loads the model before it registers)."""
+        return cls(spawn([sys.executable, "-m", "backend", "worker", "--name", name], env, log_path), name, log_path)
+
+    def wait_registered(self, redis_db: RedisDB, timeout: float = 300) -> Worker:
+        """Wait until Redis lists it; fails the test with its log if it exits or takes longer than `timeout` s."""
+        client = redis_db.client()
+        deadline = time.monotonic() + timeout
+        while not client.sismember("rq:workers", f"rq:worker:{self.name}"):
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                stop_process_group(self.process)
+                pytest.fail(f"worker {self.name} did not register:\n"
+                            f"{self.log_path.read_text(errors='replace')[-3000:]}")
+            time.sleep(0.3)
+        return self
 
 
 @pytest.fixture(scope="session")
 def backend_worker(backend_env: dict[str, str], redis_db: RedisDB,
                    tmp_path_factory: pytest.TempPathFactory) -> Iterator[subprocess.Popen]:
     """One `python -m backend worker`, registered with Redis before the tests use it."""
-    process = start_worker(backend_env, redis_db, f"e2e-{redis_db.run_id}",
-                           tmp_path_factory.mktemp("worker") / "worker.log")
-    yield process
-    stop_process_group(process)
+    worker = Worker.spawn(backend_env, f"e2e-{redis_db.run_id}", tmp_path_factory.mktemp("worker") / "worker.log")
+    yield worker.wait_registered(redis_db).process
+    stop_process_group(worker.process)
 
 
 @pytest.fixture(scope="session")

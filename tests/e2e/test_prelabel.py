@@ -16,7 +16,7 @@ from PIL import Image
 
 from scripts.ls_harness import REPO, BackendServer, LabelStudioClient, Sample, make_samples, stop_process_group
 from tests.backend.conftest import RedisDB
-from tests.e2e.conftest import regions_by_label, start_worker
+from tests.e2e.conftest import Worker, regions_by_label
 
 pytestmark = pytest.mark.e2e
 TASKS = 200
@@ -59,23 +59,25 @@ def import_samples(ls: LabelStudioClient, project: int, samples: list[Sample], d
 
 @pytest.fixture(scope="module")
 def second_worker(backend_env: dict[str, str], redis_db: RedisDB, backend_worker: subprocess.Popen,
-                  tmp_path_factory: pytest.TempPathFactory) -> Iterator[subprocess.Popen]:
-    """Another `python -m backend worker` on the same queues, so the bulk run is shared between two processes."""
-    process = start_worker(backend_env, redis_db, f"e2e-{redis_db.run_id}-bulk",
-                           tmp_path_factory.mktemp("worker-bulk") / "worker.log")
-    yield process
-    stop_process_group(process)
+                  tmp_path_factory: pytest.TempPathFactory) -> Iterator[Worker]:
+    """Another `python -m backend worker` on the same queues, so the bulk run is shared between two processes
+    (spawned here, awaited by `bulk` once the tasks are imported: it loads the model meanwhile)."""
+    worker = Worker.spawn(backend_env, f"e2e-{redis_db.run_id}-bulk",
+                          tmp_path_factory.mktemp("worker-bulk") / "worker.log")
+    yield worker
+    stop_process_group(worker.process)
 
 
 @pytest.fixture(scope="module")
 def bulk(ls: LabelStudioClient, label_config: str, document_root: Path, backend_env: dict[str, str],
-         backend_worker: subprocess.Popen, second_worker: subprocess.Popen) -> BulkProject:
-    """A project of TASKS small synthetic images, pre-labelled once with the CLI."""
+         redis_db: RedisDB, backend_worker: subprocess.Popen, second_worker: Worker) -> BulkProject:
+    """A project of TASKS small synthetic images, pre-labelled once with the CLI by two workers."""
     samples = make_samples(document_root / "bulk", count=TASKS + 10, seed=7, min_side=96, max_side=160)[:TASKS]
     assert len(samples) == TASKS
     project = ls.create_project("bulk prelabel e2e", label_config)["id"]
     by_task = import_samples(ls, project, samples, document_root, "bulk")
     assert len(by_task) == TASKS
+    second_worker.wait_registered(redis_db)
     return BulkProject(project, by_task, prelabel(backend_env, project))
 
 
