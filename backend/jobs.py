@@ -1,7 +1,9 @@
 """Job functions: plain, importable, JSON in and JSON out.
 
 The same functions run inline (embedded mode, on a server thread) and in RQ workers (`python -m backend worker`).
-`backend.model` builds their payloads; nothing here knows about HTTP or queues.
+`backend.model` builds their payloads; nothing here knows about HTTP or queues. Workers and the embedded server run
+several `predict_task` payloads through one model call with its batched form `predict_tasks` (see `BATCHED`):
+prepare (fetch, decode, check prompts; on threads) -> one predictor call -> finish (regions, brush RLE; on threads).
 
 `predict_task` payload (one Label Studio task):
 
