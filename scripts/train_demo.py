@@ -3,12 +3,13 @@
     python scripts/train_demo.py train --out models/evf-demo --device cuda      # the recipe (docs/MODELS.md)
     python scripts/train_demo.py figure --model models/evf-demo                 # docs/img/demo_predictions.png
 
-`train` generates the synthetic train / val splits (`evf_sam.data.synthetic`, seed TRAIN_SEED) and a held-out split
-from a different seed (HELDOUT_SEED), trains a sentencepiece tokenizer on the generator's text corpus, builds a small
-EvfSamModel (SAM-1 family: ViT 256-d x 6 at 256 px, BEiT-3 256-d x 4; random init), trains ALL of it with
-`evf_sam.train` (the image encoder too: nothing is pretrained here; fine-tuning real checkpoints keeps it frozen),
-evaluates the result on the held-out split with `evf_sam.evaluate` and writes the checkpoint (fp16 weights),
-metrics.json, training curves and a README into `--out`.
+`train` writes the val split (seed TRAIN_SEED) and a held-out split from a different seed (HELDOUT_SEED) as files,
+renders the training images straight into GPU memory (`evf_sam.data.resident`, seed TRAIN_SEED + 1000 * stage),
+trains a sentencepiece tokenizer on the generator's text corpus and builds a small EvfSamModel (SAM-1 family: ViT
+256-d x 6 at 256 px, BEiT-3 256-d x 4; random init) unless --init-from continues an earlier stage, trains ALL of it
+with `evf_sam.train_resident` (the image encoder too: nothing is pretrained here; fine-tuning real checkpoints keeps
+it frozen), evaluates the result on the held-out split with `evf_sam.evaluate` and writes the checkpoint (fp16
+weights), metrics.json, training curves and a README into `--out`.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ import json
 import shutil
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
@@ -39,27 +39,14 @@ CHECKPOINT_FILES = ("config.json", "model.safetensors", "sentencepiece.bpe.model
                     "special_tokens_map.json", "added_tokens.json")
 
 
-def _shard(job: tuple[str, int, int, str]) -> str:
+def generate_eval_data(work: Path, val_images: int, heldout_images: int) -> tuple[Path, Path]:
+    """The val split (TRAIN_SEED, split "val") and the held-out split (HELDOUT_SEED, split "test", generator
+    defaults) as layout files, so they are scored through the same path as any user dataset."""
     from evf_sam.data.synthetic import generate_dataset
 
-    root, n_images, seed, split, max_side = job
-    generate_dataset(root, n_images, seed=seed, split=split, max_side=max_side, progress=False)
-    return root
-
-
-def generate_data(work: Path, train_images: int, val_images: int, heldout_images: int, shards: int,
-                  train_max_side: int = 640, train_seed: int = TRAIN_SEED) -> tuple[list[Path], Path, Path]:
-    """Train shards (seeds train_seed + k, longest side <= train_max_side), a val split (TRAIN_SEED, split "val")
-    and the held-out split (HELDOUT_SEED, split "test", generator defaults), generated in parallel processes.
-    Returns (train roots, val root, held-out root)."""
-    per_shard = -(-train_images // shards)
-    jobs = [(str(work / f"train{k:02d}"), min(per_shard, train_images - k * per_shard), train_seed + k, "train",
-             train_max_side) for k in range(shards) if train_images - k * per_shard > 0]
-    jobs += [(str(work / "val"), val_images, TRAIN_SEED, "val", 640),
-             (str(work / "heldout"), heldout_images, HELDOUT_SEED, "test", 640)]
-    with ProcessPoolExecutor(max_workers=min(len(jobs), 16)) as pool:
-        list(pool.map(_shard, jobs))
-    return [Path(j[0]) for j in jobs[:-2]], work / "val", work / "heldout"
+    generate_dataset(work / "val", val_images, seed=TRAIN_SEED, split="val", progress=False)
+    generate_dataset(work / "heldout", heldout_images, seed=HELDOUT_SEED, split="test", progress=False)
+    return work / "val", work / "heldout"
 
 
 def build_initial_checkpoint(directory: Path) -> Path:
@@ -84,67 +71,76 @@ def build_initial_checkpoint(directory: Path) -> Path:
 
 
 def run_training(args: argparse.Namespace) -> int:
+    import evf_sam
+    from evf_sam.data.layout import LayoutDataset
+    from evf_sam.data.resident import build_synthetic
     from evf_sam.evaluate import evaluate
+    from evf_sam.loading import save_checkpoint
     from evf_sam.metrics import to_markdown
-    from evf_sam.train import CURVES_FILE, HISTORY_FILE, train
+    from evf_sam.train import CURVES_FILE, HISTORY_FILE, plot_curves, validate
+    from evf_sam.train_resident import ResidentRecipe, train_resident
 
     started = time.time()
     work = Path(args.work)
     if work.exists():
         shutil.rmtree(work)
-    train_roots, val_root, heldout_root = generate_data(work / "data", args.train_images, args.val_images,
-                                                        args.heldout_images, args.shards, args.train_max_side,
-                                                        TRAIN_SEED + 1000 * args.stage)
-    print(f"data generated in {time.time() - started:.0f} s", flush=True)
-    if args.init_from:  # a later stage: copy the previous stage's model so --out can be the same directory
-        init = work / "init"
-        shutil.copytree(args.init_from, init)
-    else:
-        init = build_initial_checkpoint(work / "init")
-    recipe = dict(train_split="train", val_data=val_root, val_split="val", trainable=ALL_PARTS,
-                  batch_size=args.batch_size, lr=args.lr, weight_decay=0.05, warmup_steps=args.warmup,
-                  min_lr_ratio=0.02, bce_weight=2.0, dice_weight=1.0, device=args.device, bf16=True, seed=TRAIN_SEED,
-                  num_workers=args.workers, save_dtype="fp16", val_images_per_batch=32)
-    steps = args.steps
+    work.mkdir(parents=True)
+    device = torch.device(args.device)
+    val_root, heldout_root = generate_eval_data(work, args.val_images, args.heldout_images)
+    init = Path(args.init_from) if args.init_from else build_initial_checkpoint(work / "init")
+    model = evf_sam.load_model(init, device=device, dtype=torch.float32)
+    data = build_synthetic(TRAIN_SEED + 1000 * args.stage, "train", args.train_images, model.sam_image_size,
+                           model.beit_image_size, workers=args.workers, progress=not args.no_progress).to(device)
+    prepared = time.time() - started
+    print(f"data ready in {prepared:.0f} s: {args.train_images} images, {len(data)} expressions", flush=True)
+    recipe = ResidentRecipe(steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup,
+                            aux_weight=args.aux_weight, seed=TRAIN_SEED)
     if args.time_budget:
-        steps = _steps_for_budget(init, train_roots, work / "calibration", recipe, args.time_budget)
-        print(f"time budget {args.time_budget:.0f} s -> {steps} steps", flush=True)
+        recipe.steps = _steps_for_budget(model, data, recipe, args.time_budget)
+        print(f"time budget {args.time_budget:.0f} s -> {recipe.steps} steps", flush=True)
+    val_set = LayoutDataset(val_root, "val")
     train_started = time.time()
-    result = train(init, train_roots, work / "run", max_steps=steps, log_every=25, progress=not args.no_progress,
-                   time_limit_s=args.time_budget * 1.15 if args.time_budget else None, **recipe)
+    history = train_resident(model, data, recipe, validate=lambda m: validate(m, val_set, "val", 32),
+                             val_every=args.val_every, progress=not args.no_progress,
+                             time_limit_s=args.time_budget * 1.1 if args.time_budget else None)
     train_seconds = time.time() - train_started
+    steps = history.train[-1]["step"]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    for name in CHECKPOINT_FILES + (CURVES_FILE, HISTORY_FILE):
-        if (result.checkpoint / name).is_file():
-            shutil.copyfile(result.checkpoint / name, out / name)
+    save_checkpoint(model.to(torch.float16), out)
+    (out / HISTORY_FILE).write_text(json.dumps(history.as_dict(), indent=1))
+    plot_curves(history.as_dict(), out / CURVES_FILE)
     heldout = evaluate(out, heldout_root, split="test", device=args.device, images_per_batch=32, progress=False)
-    metrics = {"heldout": heldout["splits"]["test"], "val": result.final_metrics, "steps": result.steps,
-               "batch_size": args.batch_size, "train_images": args.train_images, "device": args.device,
+    metrics = {"heldout": heldout["splits"]["test"], "val": {k: history.val[-1][k] for k in ("ciou", "giou")},
+               "steps": steps, "batch_size": args.batch_size, "train_images": args.train_images,
+               "train_expressions": len(data), "device": args.device,
                "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-               "wall_seconds": round(time.time() - started, 1), "train_seconds": round(train_seconds, 1),
-               "reproduce": f"python scripts/train_demo.py train --steps {result.steps} --batch-size {args.batch_size} "
-                            f"--train-images {args.train_images} --train-max-side {args.train_max_side} --lr {args.lr} "
-                            f"--warmup {args.warmup}" + (f" --stage {args.stage} --init-from {args.init_from}"
-                                                         if args.init_from else ""),
-               "seeds": {"train": TRAIN_SEED, "heldout": HELDOUT_SEED, "model": MODEL_SEED},
-               "parameters": sum(p.numel() for p in _load(out).parameters())}
+               "data_seconds": round(prepared, 1), "train_seconds": round(train_seconds, 1),
+               "wall_seconds": round(time.time() - started, 1),
+               "reproduce": f"python scripts/train_demo.py train --steps {steps} --batch-size {args.batch_size} "
+                            f"--train-images {args.train_images} --lr {args.lr} --warmup {args.warmup} "
+                            f"--aux-weight {args.aux_weight}"
+                            + (f" --stage {args.stage} --init-from {args.init_from}" if args.init_from else ""),
+               "seeds": {"train": TRAIN_SEED + 1000 * args.stage, "heldout": HELDOUT_SEED, "model": MODEL_SEED},
+               "parameters": sum(p.numel() for p in model.parameters())}
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     (out / "README.md").write_text(_readme(metrics, to_markdown({"held-out (seed 777)": metrics["heldout"]})))
     print(json.dumps(metrics, indent=2))
     return 0
 
 
-def _steps_for_budget(init: Path, train_roots: list[Path], work: Path, recipe: dict, budget: float) -> int:
-    """Time 40 steps of the recipe (validation off) and return the step count that fits `budget` seconds, leaving
-    room for one validation and data-loader restart per epoch. Used to fill a GPU slot; the count is recorded."""
-    from evf_sam.train import train
+def _steps_for_budget(model: torch.nn.Module, data, recipe, budget: float) -> int:
+    """Time 30 steps of the recipe on a copy of the model and return the step count that fits `budget` seconds
+    (with room for the periodic validations). Used to fill a GPU slot; the count is recorded in metrics.json."""
+    import copy
 
-    calibration = {**recipe, "val_split": None, "val_data": None}
-    history = train(init, train_roots, work, max_steps=40, log_every=10, progress=False, **calibration).history
-    seconds_per_step = (history["train"][-1]["elapsed_s"] - history["train"][0]["elapsed_s"]) / 30
-    print(f"calibration: {seconds_per_step * 1000:.0f} ms/step", flush=True)
-    return max(100, int(0.9 * budget / seconds_per_step) // 100 * 100)
+    from evf_sam.train_resident import ResidentRecipe, train_resident
+
+    probe = ResidentRecipe(**{**recipe.__dict__, "steps": 40, "warmup": 40})
+    history = train_resident(copy.deepcopy(model), data, probe, log_every=10, progress=False)
+    seconds_per_step = (history.train[-1]["elapsed_s"] - history.train[0]["elapsed_s"]) / 30
+    print(f"calibration: {seconds_per_step * 1000:.1f} ms/step", flush=True)
+    return max(100, int(0.93 * budget / seconds_per_step) // 100 * 100)
 
 
 def _load(path: Path) -> torch.nn.Module:
@@ -201,19 +197,20 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--out", default="models/evf-demo", help="output model directory (default models/evf-demo)")
     t.add_argument("--work", default="/tmp/evf-demo-work", help="scratch directory for data and train state")
     t.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    t.add_argument("--train-images", type=int, default=12000, help="synthetic training images (4 expressions each)")
-    t.add_argument("--val-images", type=int, default=150)
-    t.add_argument("--heldout-images", type=int, default=300)
-    t.add_argument("--shards", type=int, default=14, help="parallel generator processes for the training data")
-    t.add_argument("--steps", type=int, default=6000)
+    t.add_argument("--train-images", type=int, default=32000,
+                   help="synthetic training images (4 expressions each), rendered and preprocessed into GPU memory")
+    t.add_argument("--val-images", type=int, default=150, help="validation images (seed TRAIN_SEED, split val)")
+    t.add_argument("--heldout-images", type=int, default=300, help="held-out images (seed 777, split test)")
+    t.add_argument("--workers", type=int, default=None, help="rendering processes (default: CPU count - 1)")
+    t.add_argument("--steps", type=int, default=8000, help="optimizer steps (see --time-budget)")
     t.add_argument("--time-budget", type=float, default=None,
                    help="instead of --steps: time a few steps, then pick the step count that fits this many seconds")
-    t.add_argument("--batch-size", type=int, default=64)
-    t.add_argument("--lr", type=float, default=4e-4)
-    t.add_argument("--warmup", type=int, default=300)
-    t.add_argument("--workers", type=int, default=12, help="data loader processes")
-    t.add_argument("--train-max-side", type=int, default=640,
-                   help="longest side of the generated training images (smaller = faster data loading)")
+    t.add_argument("--batch-size", type=int, default=128, help="expressions per step")
+    t.add_argument("--lr", type=float, default=6e-4, help="peak learning rate")
+    t.add_argument("--warmup", type=int, default=500, help="linear warm-up steps")
+    t.add_argument("--aux-weight", type=float, default=1.0,
+                   help="weight of the auxiliary BEiT-3 grounding loss (0 = off; see evf_sam.train_resident)")
+    t.add_argument("--val-every", type=int, default=1000, help="validate every N steps")
     t.add_argument("--init-from", default=None,
                    help="continue from this checkpoint (a later stage) instead of a random initialisation")
     t.add_argument("--stage", type=int, default=0,
