@@ -92,6 +92,7 @@ def _load_runtime(settings: Settings, checkpoint: str) -> Runtime:
 
     import evf_sam
     from backend import placement
+    from evf_sam.acceleration import accelerate
     from evf_sam.errors import CheckpointError
 
     if settings.evf_sam_checkpoint == DEMO_CHECKPOINT and not Path(checkpoint).is_dir():
@@ -101,6 +102,9 @@ def _load_runtime(settings: Settings, checkpoint: str) -> Runtime:
                               visible_gpus=placement.visible_gpus())
     started = time.perf_counter()
     model = evf_sam.load_model(checkpoint, device=where.device, dtype=getattr(torch, where.dtype))
+    fused = settings.evf_sam_fused_attention == "on" or (settings.evf_sam_fused_attention == "auto"
+                                                         and where.device.startswith("cuda"))
+    speedups = accelerate(model, fused_attention=fused, compile_encoder=settings.evf_sam_compile)
     predictor = evf_sam.EvfPredictor(model, cache_size=settings.embedding_cache_size,
                                      max_image_batch=settings.image_batch_size,
                                      max_prompt_batch=settings.prompt_batch_size,
@@ -109,8 +113,8 @@ def _load_runtime(settings: Settings, checkpoint: str) -> Runtime:
                       model_name=model.model_name, fingerprint=model.fingerprint, family=model.family,
                       device=where.device, dtype=where.dtype, checkpoint=checkpoint,
                       preprocess="device" if where.preprocess else "cpu")
-    log.info("loaded %s (%s) on %s/%s, preprocessing on %s, in %.1f s", runtime.model_name, runtime.fingerprint,
-             runtime.device, runtime.dtype, runtime.preprocess, time.perf_counter() - started)
+    log.info("loaded %s (%s) on %s/%s, preprocessing on %s, %s, in %.1f s", runtime.model_name, runtime.fingerprint,
+             runtime.device, runtime.dtype, runtime.preprocess, speedups, time.perf_counter() - started)
     return runtime
 
 

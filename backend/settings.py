@@ -46,6 +46,14 @@ class Settings(BaseSettings):
         "auto", validation_alias="EVF_SAM_PREPROCESS",
         description='Where images are resized and normalised: "auto" (on the GPU when the model is on CUDA: uint8 '
                     'uploads; else CPU), "cpu" (the reference path) or "device" (the model\'s device).')
+    evf_sam_fused_attention: Literal["auto", "on", "off"] = Field(
+        "auto", validation_alias="EVF_SAM_FUSED_ATTENTION",
+        description='SAM-1 ViT attention through one fused SDPA kernel (same results, less memory traffic): "auto" '
+                    '(on when the model is on CUDA), "on" or "off".')
+    evf_sam_compile: bool = Field(
+        False, validation_alias="EVF_SAM_COMPILE",
+        description="torch.compile the SAM image encoder (faster on GPUs; each new image batch size compiles once, "
+                    "tens of seconds for full-size models).")
     embedding_cache_size: int = Field(32, ge=0, validation_alias="EMBEDDING_CACHE_SIZE",
                                       description="Image embeddings kept per worker (LRU) so new prompts skip the encoder.")
     image_batch_size: int = Field(8, ge=1, validation_alias="IMAGE_BATCH_SIZE",

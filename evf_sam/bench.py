@@ -3,7 +3,9 @@
 Both paths run in the same process on the same random weights (no hub is needed):
 - baseline: what the official `inference.py` does per image - fp16 weights under a global fp16 autocast, one image and
   one prompt at a time, CPU preprocessing, no reuse of the image embedding;
-- ours: `EvfPredictor` in the chosen dtype, batches of distinct images, embedding cache.
+- ours: `EvfPredictor` in the chosen dtype, batches of distinct images, embedding cache; measured with CPU
+  preprocessing, with GPU-side preprocessing, then (`--fast`) also with fused attention and (`--compile`) with the
+  image encoder compiled (`evf_sam.acceleration`), each step on top of the previous one.
 Prints images/s per batch size, latency percentiles, the cached-prompt latency, peak memory and the ratios, and writes JSON.
 """
 
@@ -38,6 +40,14 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--image-size", default="640x480", help="WxH of the synthetic test images (default 640x480)")
     parser.add_argument("--out", type=Path, default=Path("bench.json"), help="where to write the JSON results")
     parser.add_argument("--device", default="cuda", help="torch device (default cuda)")
+    parser.add_argument("--fast", action="store_true",
+                        help="also time GPU preprocessing + fused attention (and with --compile, + torch.compile)")
+    parser.add_argument("--compile", action="store_true", help="with --fast: also time the compiled image encoder")
+    parser.add_argument("--compile-batch-sizes", default="1,32",
+                        help="batch sizes timed on the compiled path (each compiles once; default 1,32)")
+    parser.add_argument("--demo-agreement", default=None, metavar="CHECKPOINT",
+                        help="also compare the fast path with the fp32 path on this trained checkpoint (e.g. "
+                             "models/evf-demo) over held-out synthetic images")
     parser.add_argument("--size", choices=["full", "tiny"], default="full",
                         help="full: the official architectures (default); tiny: a small random model for a CPU smoke run")
 
@@ -122,13 +132,17 @@ def _time_ours(model, images: list[np.ndarray], batch_sizes: list[int], device: 
     return result
 
 
-def _agreement(model, images: list[np.ndarray], dtype: torch.dtype) -> dict[str, float]:
-    """Fast path (`dtype`) vs fp32 on the same weights: Pearson correlation of the logits and mean mask IoU."""
+def _agreement(model, images: list[np.ndarray], dtype: torch.dtype, preprocess_device: str | None = None,
+               reference: Any = None) -> dict[str, float]:
+    """Fast path (`dtype`) vs fp32 on the same weights: Pearson correlation of the logits and mean mask IoU.
+    The fp32 side runs `reference` (a model with the same weights, e.g. without fused attention) if given, else
+    `model` cast to fp32, always with the CPU (reference) preprocessing."""
     from evf_sam.predictor import EvfPredictor
 
     items = [(img, PROMPTS[:2]) for img in images]
-    fast = EvfPredictor(model.to(dtype), cache_size=0).predict_batch(items)
-    exact = EvfPredictor(model.to(torch.float32), cache_size=0).predict_batch(items)
+    fast = EvfPredictor(model.to(dtype), cache_size=0, preprocess_device=preprocess_device).predict_batch(items)
+    exact = EvfPredictor((reference if reference is not None else model).to(torch.float32),
+                         cache_size=0).predict_batch(items)
     a = np.concatenate([p.logits.ravel() for preds in fast for p in preds])
     b = np.concatenate([p.logits.ravel() for preds in exact for p in preds])
     ious = []
@@ -141,7 +155,8 @@ def _agreement(model, images: list[np.ndarray], dtype: torch.dtype) -> dict[str,
 
 
 def run_bench(family: str, model_size: str, dtype: torch.dtype, batch_sizes: list[int], n_images: int, n_baseline: int,
-              image_size: tuple[int, int], device: torch.device, tokenizer_dir: Path) -> dict[str, Any]:
+              image_size: tuple[int, int], device: torch.device, tokenizer_dir: Path, fast: bool = False,
+              compile_batch_sizes: list[int] | None = None) -> dict[str, Any]:
     images = _random_images(max(n_images, n_baseline), *image_size, seed=0)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -153,9 +168,10 @@ def run_bench(family: str, model_size: str, dtype: torch.dtype, batch_sizes: lis
                     if device.type == "cuda" else None)
     agreement = _agreement(model, images[:4], dtype)
     params = sum(p.numel() for p in model.parameters())
+    fast_result = _time_fast(model, images[:n_images], batch_sizes, compile_batch_sizes, device, dtype) if fast else None
     out = {"family": family, "params": params, "dtype": str(dtype).replace("torch.", ""), "image_size": list(image_size),
            "baseline_fp16_autocast_bs1": baseline, "ours": ours, "ours_gpu_preprocessing": ours_gpu_pre,
-           "agreement_vs_fp32": agreement,
+           "agreement_vs_fp32": agreement, **(fast_result or {}),
            "speedup_vs_baseline": {k: v / baseline["img_per_s"] for k, v in ours.items() if k.endswith("img_per_s")}}
     if device.type == "cuda":
         out["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
@@ -164,6 +180,80 @@ def run_bench(family: str, model_size: str, dtype: torch.dtype, batch_sizes: lis
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return out
+
+
+def _time_fast(model, images: list[np.ndarray], batch_sizes: list[int], compile_batch_sizes: list[int] | None,
+               device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
+    """GPU preprocessing + fused attention, then (with `compile_batch_sizes`) + the compiled image encoder; the
+    agreement of the fused path with the unfused fp32 model; compile warm-up seconds per batch size."""
+    import copy
+
+    from evf_sam.acceleration import accelerate
+
+    reference = copy.deepcopy(model).to("cpu")
+    done = accelerate(model, fused_attention=True)
+    result: dict[str, Any] = {"fused_attention_modules": done["fused_attention_modules"],
+                              "ours_fused": _time_ours(model, images, batch_sizes, device, preprocess_device="model")}
+    reference.to(device)
+    result["agreement_fused_vs_fp32"] = _agreement(model, images[:4], dtype, "model", reference)
+    del reference
+    if compile_batch_sizes:
+        accelerate(model, fused_attention=False, compile_encoder=True)
+        warmups = {}
+        for bs in compile_batch_sizes:
+            start = time.perf_counter()
+            with torch.no_grad():
+                model.encode_images(torch.zeros(bs, 3, model.sam_image_size, model.sam_image_size, device=device,
+                                                dtype=dtype))
+            _sync(device)
+            warmups[str(bs)] = time.perf_counter() - start
+        result["compile_warmup_s"] = warmups
+        result["ours_compiled"] = _time_ours(model, images, compile_batch_sizes, device, preprocess_device="model")
+        encoder = model.visual_model.image_encoder
+        pixels = torch.randn(max(compile_batch_sizes), 3, model.sam_image_size, model.sam_image_size, device=device,
+                             dtype=dtype, generator=torch.Generator(device).manual_seed(0))
+        with torch.no_grad():
+            compiled, eager = _main_output(encoder(pixels)), _main_output(encoder.forward(pixels))
+        result["compiled_vs_eager_encoder"] = {"correlation": float(torch.corrcoef(torch.stack([compiled, eager]))[0, 1]),
+                                               "max_abs_diff": float((compiled - eager).abs().max())}
+    return result
+
+
+def _main_output(output: Any) -> torch.Tensor:
+    """The image encoder's embedding as one flat float tensor (SAM-2's encoder returns a dict)."""
+    tensor = output["vision_features"] if isinstance(output, dict) else output
+    return tensor.float().ravel()
+
+
+def demo_agreement(checkpoint: str, n_images: int, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
+    """The fast path (`dtype`, fused attention, GPU preprocessing) against the fp32 reference path (CPU
+    preprocessing, eager attention) on a trained checkpoint and held-out synthetic images: mean mask IoU and logits
+    correlation over 4 expressions per image."""
+    import copy
+
+    from evf_sam.acceleration import accelerate
+    from evf_sam.data.synthetic import make_example
+    from evf_sam.loading import load_model
+    from evf_sam.predictor import EvfPredictor
+
+    reference = load_model(checkpoint, device=device, dtype=torch.float32)
+    fast = copy.deepcopy(reference).to(dtype)
+    fast.tokenizer = reference.tokenizer
+    accelerate(fast, fused_attention=True)
+    examples = [make_example(777, "test", i) for i in range(n_images)]
+    items = [(scene.image, [c["text"] for c in chosen]) for scene, chosen in examples]
+    got = EvfPredictor(fast, cache_size=0, preprocess_device="model").predict_batch(items)
+    want = EvfPredictor(reference, cache_size=0).predict_batch(items)
+    ious, a, b = [], [], []
+    for preds_fast, preds_ref in zip(got, want):
+        for pf, pr in zip(preds_fast, preds_ref):
+            union = np.logical_or(pf.mask, pr.mask).sum()
+            ious.append(np.logical_and(pf.mask, pr.mask).sum() / union if union else 1.0)
+            a.append(pf.logits.ravel())
+            b.append(pr.logits.ravel())
+    return {"checkpoint": checkpoint, "images": n_images, "prompts": len(ious), "mean_mask_iou": float(np.mean(ious)),
+            "min_mask_iou": float(np.min(ious)),
+            "logits_correlation": float(np.corrcoef(np.concatenate(a), np.concatenate(b))[0, 1])}
 
 
 def _print(result: dict[str, Any]) -> None:
@@ -180,6 +270,21 @@ def _print(result: dict[str, Any]) -> None:
         rates = ", ".join(f"{k}: {v:.2f}" for k, v in gpu.items() if k.endswith("img_per_s"))
         print(f"ours with GPU-side preprocessing: {rates}; new image p50 {gpu['new_image']['p50_ms']:.1f} ms; "
               f"new prompt on cached image p50 {gpu['cached_image_new_prompt']['p50_ms']:.1f} ms")
+    for name in ("ours_fused", "ours_compiled"):
+        if result.get(name):
+            part = result[name]
+            rates = ", ".join(f"{k}: {v:.2f} ({v / base['img_per_s']:.2f}x)" for k, v in part.items()
+                              if k.endswith("img_per_s"))
+            print(f"{name}: {rates}; new image p50 {part['new_image']['p50_ms']:.1f} ms; "
+                  f"new prompt on cached image p50 {part['cached_image_new_prompt']['p50_ms']:.1f} ms")
+    if result.get("compiled_vs_eager_encoder"):
+        print(f"compiled vs eager image encoder (same dtype): {result['compiled_vs_eager_encoder']}")
+    for name in ("agreement_fused_vs_fp32",):
+        if result.get(name):
+            print(f"{name}: logits correlation {result[name]['logits_correlation']:.5f}, "
+                  f"mean mask IoU {result[name]['mean_mask_iou']:.4f}")
+    if result.get("compile_warmup_s"):
+        print(f"compile warm-up (s) per batch size: {result['compile_warmup_s']}")
     agree = result["agreement_vs_fp32"]
     print(f"{result['dtype']} vs fp32: logits correlation {agree['logits_correlation']:.5f}, "
           f"mean mask IoU {agree['mean_mask_iou']:.4f}")
@@ -200,10 +305,16 @@ def main(args: argparse.Namespace) -> int:
     tokenizer_dir = args.out.parent / "bench-tokenizer"
     train_tokenizer(tokenizer_dir, PROMPTS * 20, vocab_size=64, multitask=False)
     families = ["sam", "sam2"] if args.family == "both" else [args.family]
-    results = [run_bench(f, args.size, parse_dtype(args.dtype), batch_sizes, args.images, args.baseline_images,
-                         (width, height), device, tokenizer_dir) for f in families]
-    for result in results:
-        _print(result)
-    args.out.write_text(json.dumps(results, indent=2))
+    results: list[dict[str, Any]] = []
+    if args.demo_agreement:
+        results.append({"demo_agreement": demo_agreement(args.demo_agreement, 50, device, parse_dtype(args.dtype))})
+        print(f"demo model, fast path vs fp32: {results[-1]['demo_agreement']}", flush=True)
+    for family in families:
+        results.append(run_bench(family, args.size, parse_dtype(args.dtype), batch_sizes, args.images,
+                                 args.baseline_images, (width, height), device, tokenizer_dir, fast=args.fast,
+                                 compile_batch_sizes=([int(v) for v in args.compile_batch_sizes.split(",")]
+                                                      if args.fast and args.compile else None)))
+        _print(results[-1])
+        args.out.write_text(json.dumps(results, indent=2))
     print(f"\nwrote {args.out}")
     return 0
