@@ -143,15 +143,22 @@ def _agreement(model, images: list[np.ndarray], dtype: torch.dtype, preprocess_d
     fast = EvfPredictor(model.to(dtype), cache_size=0, preprocess_device=preprocess_device).predict_batch(items)
     exact = EvfPredictor((reference if reference is not None else model).to(torch.float32),
                          cache_size=0).predict_batch(items)
-    a = np.concatenate([p.logits.ravel() for preds in fast for p in preds])
-    b = np.concatenate([p.logits.ravel() for preds in exact for p in preds])
-    ious = []
-    for preds_fast, preds_exact in zip(fast, exact):
-        for pf, pe in zip(preds_fast, preds_exact):
-            union = np.logical_or(pf.mask, pe.mask).sum()
-            ious.append(np.logical_and(pf.mask, pe.mask).sum() / union if union else 1.0)
     model.to(dtype)
-    return {"logits_correlation": float(np.corrcoef(a, b)[0, 1]), "mean_mask_iou": float(np.mean(ious))}
+    comparison = _compare(fast, exact)
+    return {k: comparison[k] for k in ("logits_correlation", "mean_mask_iou")}
+
+
+def _compare(got: list[list[Any]], want: list[list[Any]]) -> dict[str, float]:
+    """Per-prompt mask IoU (mean, min, count) and the Pearson correlation of all logits, `got` against `want`."""
+    ious = []
+    for preds_got, preds_want in zip(got, want):
+        for g, w in zip(preds_got, preds_want):
+            union = np.logical_or(g.mask, w.mask).sum()
+            ious.append(np.logical_and(g.mask, w.mask).sum() / union if union else 1.0)
+    a = np.concatenate([p.logits.ravel() for preds in got for p in preds])
+    b = np.concatenate([p.logits.ravel() for preds in want for p in preds])
+    return {"prompts": len(ious), "mean_mask_iou": float(np.mean(ious)), "min_mask_iou": float(np.min(ious)),
+            "logits_correlation": float(np.corrcoef(a, b)[0, 1])}
 
 
 def run_bench(family: str, model_size: str, dtype: torch.dtype, batch_sizes: list[int], n_images: int, n_baseline: int,
@@ -244,16 +251,7 @@ def demo_agreement(checkpoint: str, n_images: int, device: torch.device, dtype: 
     items = [(scene.image, [c["text"] for c in chosen]) for scene, chosen in examples]
     got = EvfPredictor(fast, cache_size=0, preprocess_device="model").predict_batch(items)
     want = EvfPredictor(reference, cache_size=0).predict_batch(items)
-    ious, a, b = [], [], []
-    for preds_fast, preds_ref in zip(got, want):
-        for pf, pr in zip(preds_fast, preds_ref):
-            union = np.logical_or(pf.mask, pr.mask).sum()
-            ious.append(np.logical_and(pf.mask, pr.mask).sum() / union if union else 1.0)
-            a.append(pf.logits.ravel())
-            b.append(pr.logits.ravel())
-    return {"checkpoint": checkpoint, "images": n_images, "prompts": len(ious), "mean_mask_iou": float(np.mean(ious)),
-            "min_mask_iou": float(np.min(ious)),
-            "logits_correlation": float(np.corrcoef(np.concatenate(a), np.concatenate(b))[0, 1])}
+    return {"checkpoint": checkpoint, "images": n_images, **_compare(got, want)}
 
 
 def _print(result: dict[str, Any]) -> None:
