@@ -4,6 +4,10 @@ One call takes several images, each with several prompts. Images are decoded and
 images seen before come from an LRU cache kept on the model's device, the others are encoded in batches. BEiT-3 then
 runs once over all prompts of the call (right-padded with an attention mask), the mask decoder once over all prompts
 (each gathering its image's embedding), and the logits go back to every image's original size in float32.
+
+The per-image CPU work (decode, content hash, resize, layout, pinning) is `prepare_image`, which any thread may run
+while another thread holds the predictor in `predict_batch`; a server prepares images on a thread pool and keeps the
+model's thread for the model.
 """
 
 from __future__ import annotations
@@ -16,11 +20,12 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from evf_sam.errors import ImageError, PromptError
 from evf_sam.modeling.common import ImageFeatures
-from evf_sam.transforms import (ImageInput, beit_input, check_prompts, load_image, postprocess_logits, sam_input,
-                                sam_mode, tokenize)
+from evf_sam.transforms import (BEIT_MEAN, BEIT_STD, ImageInput, beit_input, check_prompts, load_image,
+                                normalize_sam, postprocess_logits, resize_longest_side, sam_input, sam_mode, tokenize)
 
 
 @dataclass(frozen=True, eq=False)
@@ -42,6 +47,33 @@ class CacheStats:
     misses: int
     size: int
     capacity: int
+
+
+@dataclass(frozen=True)
+class _HostInputs:
+    """The CPU part of an image's preprocessing, ready to upload. Reference path: `sam` float32 [3,S,S] and `beit`
+    float32 [3,224,224], both final. Device path: `sam` uint8 [3,h,w] (resized, or stretched to S x S for "head")
+    and `beit` uint8 [3,H,W] (the image), whose float steps run on the model's device."""
+
+    sam: torch.Tensor
+    beit: torch.Tensor
+    resize_shape: tuple[int, int] | None
+
+    def pinned(self) -> _HostInputs:
+        """The same tensors in page-locked memory, so uploads are asynchronous DMA copies."""
+        return _HostInputs(self.sam.pin_memory(), self.beit.pin_memory(), self.resize_shape)
+
+
+@dataclass(frozen=True, eq=False)
+class PreparedImage:
+    """An image made ready for `EvfPredictor.predict_batch` by `EvfPredictor.prepare_image`: `image` uint8 RGB
+    [H,W,3] (EXIF-transposed), its content `key`, and the CPU part of its preprocessing (None when the embedding was
+    cached when it was prepared; should it have been evicted since, the predictor redoes that part itself)."""
+
+    image: np.ndarray
+    key: str
+    inputs: _HostInputs | None
+    recipe: tuple[Any, ...]  # the preprocessing `inputs` were made for (sizes, mode, path, pinning)
 
 
 @dataclass
@@ -107,30 +139,45 @@ class EvfPredictor:
             self._cache.clear()
             self._hits = self._misses = 0
 
-    def predict(self, image: ImageInput, prompts: Sequence[str], semantic: bool = False) -> list[Prediction]:
-        """One image (path, PIL image or uint8 RGB array [H,W,3]) and its prompts -> one Prediction per prompt."""
+    def prepare_image(self, image: ImageInput | PreparedImage) -> PreparedImage:
+        """Decode, hash and preprocess the CPU part of one image (path, PIL image or uint8 RGB array [H,W,3]).
+
+        Safe to call from any thread, also while another thread is in `predict_batch`: it takes no lock. Images
+        whose embedding is cached skip the preprocessing. Raises ImageError for an unreadable image.
+        """
+        if isinstance(image, PreparedImage) and image.recipe == self._recipe():
+            return image
+        array = load_image(image.image if isinstance(image, PreparedImage) else image)
+        key = image_key(array)
+        return PreparedImage(array, key, None if key in self._cache else self._host_inputs(array), self._recipe())
+
+    def predict(self, image: ImageInput | PreparedImage, prompts: Sequence[str],
+                semantic: bool = False) -> list[Prediction]:
+        """One image (path, PIL image, uint8 RGB array [H,W,3] or PreparedImage) and its prompts -> one Prediction
+        per prompt."""
         return self.predict_batch([(image, prompts)], semantic=semantic)[0]
 
-    def predict_batch(self, items: Sequence[tuple[ImageInput, Sequence[str]]],
+    def predict_batch(self, items: Sequence[tuple[ImageInput | PreparedImage, Sequence[str]]],
                       semantic: bool = False) -> list[list[Prediction]]:
         """[(image, prompts), ...] -> for each item, one Prediction per prompt, in order.
 
-        Same masks as calling `predict` per item. `semantic` prefixes every prompt with "[semantic] "
+        Same masks as calling `predict` per item. Images may be PreparedImage (`prepare_image`), so that this call
+        does no per-image CPU work beyond uploads. `semantic` prefixes every prompt with "[semantic] "
         (multitask checkpoints only). Raises ImageError / PromptError naming the offending item.
         """
         images, prompt_lists = self._check_items(items)
         model = self.model
         input_ids, attention_mask = tokenize(model.tokenizer, [p for plist in prompt_lists for p in plist],
                                              model.max_text_tokens, semantic=semantic, multitask=model.is_multitask)
-        keys = [image_key(image) for image in images]
         with self._lock:
-            return self._predict(images, keys, prompt_lists, input_ids, attention_mask)
+            return self._predict(images, prompt_lists, input_ids, attention_mask)
 
-    def _predict(self, images: list[np.ndarray], keys: list[str], prompt_lists: list[list[str]],
+    def _predict(self, images: list[PreparedImage], prompt_lists: list[list[str]],
                  input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list[list[Prediction]]:
         model = self.model
+        keys = [image.key for image in images]
         with torch.inference_mode():
-            encoded = self._encode_images(images, keys)
+            encoded = self._encode_images(images)
             unique = list(encoded)
             image_index = torch.tensor([unique.index(key) for key, plist in zip(keys, prompt_lists) for _ in plist],
                                        dtype=torch.long, device=self.device)
@@ -147,20 +194,24 @@ class EvfPredictor:
                 low_res.append(logits)
                 scores.append(score)
             low = torch.cat(low_res)
-            score_list = torch.cat(scores).float().cpu().tolist()
+            score_list = self._to_host(torch.cat(scores).float()).tolist()
 
             results, start = [], 0
             for image, key, plist in zip(images, keys, prompt_lists):
                 rows = slice(start, start + len(plist))
-                full = postprocess_logits(low[rows], image.shape[:2], model.sam_image_size,
-                                          encoded[key].resize_shape).cpu().numpy()
+                full = self._to_host(postprocess_logits(low[rows], image.image.shape[:2], model.sam_image_size,
+                                                        encoded[key].resize_shape))
                 results.append([Prediction(mask=full[i] > 0, logits=full[i], score=score_list[start + i])
                                 for i in range(len(plist))])
                 start += len(plist)
         return results
 
-    def _check_items(self, items: Sequence[tuple[ImageInput, Sequence[str]]]) -> tuple[list[np.ndarray],
-                                                                                        list[list[str]]]:
+    def _to_host(self, tensor: torch.Tensor) -> np.ndarray:
+        """A result tensor on the model's device -> numpy on the host (the device-to-host copy)."""
+        return tensor.cpu().numpy()
+
+    def _check_items(self, items: Sequence[tuple[ImageInput | PreparedImage, Sequence[str]]]
+                     ) -> tuple[list[PreparedImage], list[list[str]]]:
         if isinstance(items, (str, bytes)) or not isinstance(items, Sequence) or len(items) == 0:
             raise PromptError("predict_batch needs a non-empty list of (image, prompts) pairs")
         images, prompt_lists = [], []
@@ -170,45 +221,92 @@ class EvfPredictor:
             image, prompts = item
             try:
                 prompt_lists.append(check_prompts(prompts))
-                images.append(load_image(image))
+                if not isinstance(image, PreparedImage):
+                    array = load_image(image)
+                    image = PreparedImage(array, image_key(array), None, ())  # preprocessed when not cached
+                images.append(image)
             except (ImageError, PromptError) as error:
                 raise type(error)(f"item {number}: {error}" if len(items) > 1 else str(error)) from error
         return images, prompt_lists
 
-    def _encode_images(self, images: list[np.ndarray], keys: list[str]) -> dict[str, _Encoded]:
+    def _encode_images(self, images: list[PreparedImage]) -> dict[str, _Encoded]:
         """Embeddings of the distinct images (in first-seen order): cached ones reused, the rest encoded in batches."""
         found: dict[str, _Encoded | None] = {}
-        for key in keys:
-            if key in found:
+        first: dict[str, PreparedImage] = {}
+        for image in images:
+            if image.key in found:
                 continue
-            entry = self._cache.get(key)
+            entry = self._cache.get(image.key)
             if entry is not None:
-                self._cache.move_to_end(key)
+                self._cache.move_to_end(image.key)
                 self._hits += 1
             else:
                 self._misses += 1
-            found[key] = entry
-        missing = [(key, images[keys.index(key)]) for key, entry in found.items() if entry is None]
+                first[image.key] = image
+            found[image.key] = entry
+        missing = list(first.values())
         for start in range(0, len(missing), self.max_image_batch):
             found.update(self._encode_batch(missing[start:start + self.max_image_batch]))
         for key, entry in found.items():
             self._remember(key, entry)
         return found  # type: ignore[return-value]
 
-    def _encode_batch(self, batch: list[tuple[str, np.ndarray]]) -> dict[str, _Encoded]:
-        model, device, dtype = self.model, self.device, self.dtype
-        where = device if self.preprocess_device == "model" else None
-        mode = sam_mode(model)
-        sam_inputs = [sam_input(image, model.sam_image_size, mode, device=where) for _, image in batch]
-        pixels = torch.stack([s.pixels for s in sam_inputs]).to(device=device, dtype=dtype)
+    def _encode_batch(self, batch: list[PreparedImage]) -> dict[str, _Encoded]:
+        model, dtype = self.model, self.dtype
+        recipe = self._recipe()
+        hosts = [image.inputs if image.inputs is not None and image.recipe == recipe else
+                 self._host_inputs(image.image) for image in batch]
+        inputs = [self._device_inputs(host) for host in hosts]
+        pixels = torch.stack([sam for sam, _ in inputs]).to(dtype=dtype)
         # Kept in the model dtype: SAM-2's FPN returns float32 even for bf16/fp16 weights.
         features = model.encode_images(pixels).to(dtype=dtype)
         encoded = {}
-        for row, ((key, image), prepared) in enumerate(zip(batch, sam_inputs)):
-            beit = beit_input(image, model.beit_image_size, device=where).to(device=device, dtype=dtype)
+        for row, (image, host, (_, beit)) in enumerate(zip(batch, hosts, inputs)):
             index = torch.tensor([row], device=features.embeddings.device)
-            encoded[key] = _Encoded(features.select(index), beit, prepared.resize_shape)
+            encoded[image.key] = _Encoded(features.select(index), beit.to(dtype=dtype), host.resize_shape)
         return encoded
+
+    def _recipe(self) -> tuple[Any, ...]:
+        model = self.model
+        return (model.sam_image_size, sam_mode(model), model.beit_image_size, self.preprocess_device,
+                self.device.type == "cuda")
+
+    def _host_inputs(self, image: np.ndarray) -> _HostInputs:
+        """The CPU part of the preprocessing (see _HostInputs), contiguous, pinned for a CUDA model."""
+        model = self.model
+        size, mode = model.sam_image_size, sam_mode(model)
+        if self.preprocess_device is None:
+            sam = sam_input(image, size, mode)
+            host = _HostInputs(sam.pixels, beit_input(image, model.beit_image_size), sam.resize_shape)
+        elif mode == "head":  # the uint8 stretch runs on the CPU in the reference path too (transforms.sam_input)
+            stretched = F.interpolate(_chw(image)[None], (size, size), mode="bilinear", align_corners=False)[0]
+            host = _HostInputs(stretched.contiguous(), _chw(image).contiguous(), None)
+        else:
+            resized = resize_longest_side(image, size)
+            host = _HostInputs(_chw(resized).contiguous(), _chw(image).contiguous(),
+                               (resized.shape[0], resized.shape[1]) if mode == "sam" else None)
+        return host.pinned() if self.device.type == "cuda" else host
+
+    def _device_inputs(self, host: _HostInputs) -> tuple[torch.Tensor, torch.Tensor]:
+        """Upload, then (device path) the float steps of transforms.sam_input / beit_input on the model's device:
+        the SAM input [3,S,S] and the BEiT-3 input [3,224,224], float32."""
+        device = self.device
+        sam, beit = host.sam.to(device, non_blocking=True), host.beit.to(device, non_blocking=True)
+        if self.preprocess_device is None:
+            return sam, beit
+        from torchvision.transforms import InterpolationMode
+        from torchvision.transforms import functional as TF
+
+        size, mode = self.model.sam_image_size, sam_mode(self.model)
+        pixels = normalize_sam(sam.float())
+        if mode == "legacy":
+            pixels = F.interpolate(pixels[None], (size, size), mode="bilinear", align_corners=False)[0]
+        elif mode == "sam":
+            pixels = F.pad(pixels, (0, size - pixels.shape[2], 0, size - pixels.shape[1]))
+        beit_size = self.model.beit_image_size
+        beit = TF.resize(beit.float().div(255), [beit_size, beit_size], interpolation=InterpolationMode.BICUBIC,
+                         antialias=False)
+        return pixels, TF.normalize(beit, BEIT_MEAN, BEIT_STD)
 
     def _remember(self, key: str, entry: _Encoded) -> None:
         if self.cache_size == 0:
@@ -217,3 +315,8 @@ class EvfPredictor:
         self._cache.move_to_end(key)
         while len(self._cache) > self.cache_size:
             self._cache.popitem(last=False)
+
+
+def _chw(image: np.ndarray) -> torch.Tensor:
+    """uint8 [H,W,3] array -> uint8 tensor view [3,H,W] (no copy)."""
+    return torch.from_numpy(image).permute(2, 0, 1)

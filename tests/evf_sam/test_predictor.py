@@ -314,3 +314,62 @@ def test_extreme_aspect_ratios_and_tiny_images(tiny_model) -> None:
         for shape in [(1, 1, 3), (2, 900, 3), (700, 1, 3)]:
             result = predictor.predict(np.full(shape, 128, dtype=np.uint8), PROMPTS[:1])[0]
             assert result.mask.shape == shape[:2]
+
+
+@pytest.mark.parametrize("family, multitask", VARIANTS)
+@pytest.mark.parametrize("preprocess_device", [None, "model"])
+def test_prepared_images_predict_exactly_as_raw_ones(family: str, multitask: bool, preprocess_device, tiny_model):
+    predictor = EvfPredictor(tiny_model(family, multitask), cache_size=0, preprocess_device=preprocess_device)
+    images = [shapes_image(70, 100, seed=1), shapes_image(120, 90, seed=2)]
+    raw = predictor.predict_batch([(image, PROMPTS[:2]) for image in images])
+    prepared = [predictor.prepare_image(image) for image in images]
+    assert all(p.inputs is not None and p.key == image_key(image) for p, image in zip(prepared, images))
+    for ours, reference in zip(predictor.predict_batch([(p, PROMPTS[:2]) for p in prepared]), raw):
+        for result, expected in zip(ours, reference):
+            np.testing.assert_array_equal(result.logits, expected.logits)
+            assert result.score == expected.score
+
+
+def test_the_device_split_runs_the_reference_float_steps(tiny_model) -> None:
+    """On a CPU model, the uint8 host part + float device part equal transforms.sam_input / beit_input."""
+    image = shapes_image(70, 100)
+    for family, multitask in VARIANTS:
+        predictor = EvfPredictor(tiny_model(family, multitask), preprocess_device="model")
+        sam, beit = predictor._device_inputs(predictor._host_inputs(image))
+        model = predictor.model
+        mode = "sam" if family == "sam" else ("head" if multitask else "legacy")
+        torch.testing.assert_close(sam, sam_input(image, model.sam_image_size, mode, device="cpu").pixels,
+                                   atol=1e-6, rtol=0)
+        torch.testing.assert_close(beit, beit_input(image, model.beit_image_size, device="cpu"), atol=1e-6, rtol=0)
+
+
+def test_images_prepared_on_threads_while_the_model_runs(tiny_model) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    predictor = EvfPredictor(tiny_model("sam"), cache_size=2)
+    images = [shapes_image(40 + 10 * s, 50, seed=s) for s in range(6)]
+    expected = [EvfPredictor(tiny_model("sam"), cache_size=0).predict(image, PROMPTS[:1])[0] for image in images]
+    with ThreadPoolExecutor(3) as pool:
+        prepared = [pool.submit(predictor.prepare_image, image) for image in images]
+        results = [predictor.predict(future.result(), PROMPTS[:1])[0] for future in prepared]
+    for result, reference in zip(results, expected):
+        np.testing.assert_array_equal(result.mask, reference.mask)
+
+
+def test_a_prepared_image_survives_eviction_and_another_predictor(tiny_model) -> None:
+    predictor = EvfPredictor(tiny_model("sam"), cache_size=1)
+    image, other = shapes_image(70, 100, seed=1), shapes_image(60, 80, seed=2)
+    reference = EvfPredictor(tiny_model("sam"), cache_size=0).predict(image, PROMPTS[:1])[0]
+    predictor.predict(image, PROMPTS[:1])
+    cached = predictor.prepare_image(image)
+    assert cached.inputs is None  # the embedding is cached: no preprocessing done
+    predictor.predict(other, PROMPTS[:1])  # evicts it
+    np.testing.assert_array_equal(predictor.predict(cached, PROMPTS[:1])[0].logits, reference.logits)
+    on_device = EvfPredictor(tiny_model("sam"), cache_size=0, preprocess_device="model")
+    assert on_device.prepare_image(cached).inputs is not None  # made for another preprocessing: redone
+    np.testing.assert_allclose(on_device.predict(cached, PROMPTS[:1])[0].logits, reference.logits, atol=1e-5)
+
+
+def test_prepare_image_rejects_bad_images(tiny_model) -> None:
+    with pytest.raises(ImageError, match="uint8"):
+        EvfPredictor(tiny_model("sam")).prepare_image(np.zeros((4, 4, 3), dtype=np.float32))
