@@ -2,8 +2,10 @@
 
 The same functions run inline (embedded mode, on a server thread) and in RQ workers (`python -m backend worker`).
 `backend.model` builds their payloads; nothing here knows about HTTP or queues. Workers and the embedded server run
-several `predict_task` payloads through one model call with its batched form `predict_tasks` (see `BATCHED`):
-prepare (fetch, decode, check prompts; on threads) -> one predictor call -> finish (regions, brush RLE; on threads).
+several `predict_task` payloads through one model call with its batched form `predict_tasks` (see `BATCHED`), made of
+the stages of `PredictBatch`: prepare (fetch, decode, check prompts, content hash, CPU preprocessing; on the
+WORKER_THREADS pool) -> one predictor call (the caller's thread) -> finish (regions, brush RLE; on the pool).
+Workers drive those stages themselves (`PIPELINED`) to prepare the next batch while the model runs.
 
 `predict_task` payload (one Label Studio task):
 
@@ -152,36 +154,67 @@ def predict_tasks(payloads: Sequence[dict[str, Any]]) -> list[dict[str, Any] | E
     """Predict several tasks with one predictor call (all their images and prompts at once): for each payload, in
     order, its LS prediction (as `predict_task` returns it) or the exception that failed it.
 
-    Downloads, decoding and mask encoding run on WORKER_THREADS threads. A task with a bad image or prompt fails
-    alone; should the batched model call itself fail, every task is predicted on its own so only the culprit fails.
+    Downloads, decoding, hashing, preprocessing and mask encoding run on WORKER_THREADS threads. A task with a bad
+    image or prompt fails alone; should the batched model call itself fail, every task is predicted on its own so only
+    the culprit fails.
     """
-    settings = get_settings()
-    runtime = get_runtime(settings)
-    pool = _get_pool(settings)
-    outcomes: list[Any] = _each(pool, lambda payload: _prepare(payload, settings, runtime), payloads)
-    ready = [index for index, outcome in enumerate(outcomes) if isinstance(outcome, _Prepared)]
-    predicted = []
-    for index, predictions in zip(ready, _predict(runtime, [outcomes[index] for index in ready])):
-        if isinstance(predictions, Exception):
-            outcomes[index] = predictions
-        else:
-            predicted.append((index, outcomes[index], predictions))
-    finished = _each(pool, lambda item: _finish(item[1], item[2]), predicted)
-    for (index, _, _), result in zip(predicted, finished):
-        outcomes[index] = result
-    return outcomes
+    batch = PredictBatch(payloads)
+    batch.predict()
+    return _each(get_pool(get_settings()), batch.finish, range(len(payloads)))
+
+
+class PredictBatch:
+    """`predict_task` payloads on their way through one model call, in three stages.
+
+    Creating it queues each task's preparation on the pool (fetch, decode, prompt check, `prepare_image`) and returns
+    at once; `predict()` waits for them and runs the model on the calling thread; `finish(i)`, from any thread,
+    turns task i's masks into its LS prediction (or returns the exception that failed it). Raises whatever loading
+    the model raises.
+    """
+
+    def __init__(self, payloads: Sequence[dict[str, Any]], settings: Settings | None = None) -> None:
+        self.settings = settings or get_settings()
+        self.runtime = get_runtime(self.settings)
+        pool = get_pool(self.settings)
+        self._prepared = [pool.submit(_guarded(_prepare), payload, self.settings, self.runtime)
+                          for payload in payloads]
+        self._outcomes: list[Any] | None = None
+
+    def __len__(self) -> int:
+        return len(self._prepared)
+
+    def wait_prepared(self) -> None:
+        """Block until every task is prepared (or failed preparing)."""
+        for future in self._prepared:
+            future.result()
+
+    def predict(self) -> None:
+        """Wait for the prepared tasks, then predict all of them with one predictor call per `semantic` flag."""
+        outcomes: list[Any] = [future.result() for future in self._prepared]
+        ready = [index for index, outcome in enumerate(outcomes) if isinstance(outcome, _Prepared)]
+        for index, predictions in zip(ready, _predict(self.runtime, [outcomes[index] for index in ready])):
+            outcomes[index] = predictions if isinstance(predictions, Exception) else (outcomes[index], predictions)
+        self._outcomes = outcomes
+
+    def finish(self, index: int) -> dict[str, Any] | Exception:
+        """Task `index`'s LS prediction, or the exception that failed it (after `predict`)."""
+        if self._outcomes is None:
+            raise RuntimeError("PredictBatch.finish before predict")
+        outcome = self._outcomes[index]
+        return outcome if isinstance(outcome, Exception) else _guarded(_finish)(*outcome)
 
 
 @dataclass
 class _Prepared:
-    """A task ready for the model: its payload, decoded images (uint8 RGB, EXIF-transposed) and model_version."""
+    """A task ready for the model: its payload, prepared images (evf_sam.predictor.PreparedImage: uint8 RGB,
+    EXIF-transposed, keyed, preprocessed on the CPU) and model_version."""
 
     payload: dict[str, Any]
-    images: list[np.ndarray]
+    images: list[Any]
     model_version: str
 
     @property
-    def items(self) -> list[tuple[np.ndarray, list[str]]]:
+    def items(self) -> list[tuple[Any, list[str]]]:
         """(image, prompts) per image, as the predictor takes them."""
         return [(image, [request["prompt"] for request in group["requests"]])
                 for image, group in zip(self.images, self.payload["images"])]
@@ -192,8 +225,9 @@ class _Prepared:
 
 
 def _prepare(payload: dict[str, Any], settings: Settings, runtime: Runtime) -> _Prepared:
-    """Fetch and decode the task's images and check its prompts (so a bad task fails before the batched call)."""
-    from evf_sam.transforms import check_prompts, load_image
+    """Fetch, decode, hash and preprocess the task's images and check its prompts (so a bad task fails before the
+    batched call)."""
+    from evf_sam.transforms import check_prompts
 
     model_version = format_model_version(runtime.model_name, runtime.fingerprint, payload["prompt_hash"])
     fetcher = _get_fetcher(settings, payload.get("hostname"))
@@ -201,7 +235,8 @@ def _prepare(payload: dict[str, Any], settings: Settings, runtime: Runtime) -> _
     for group in payload["images"]:
         check_prompts([request["prompt"] for request in group["requests"]])
         # An array, not the PIL image: the fetcher already applied the EXIF orientation, the predictor must not.
-        images.append(load_image(np.asarray(fetcher.fetch(group["url"], task_id=payload.get("task_id")))))
+        image = np.asarray(fetcher.fetch(group["url"], task_id=payload.get("task_id")))
+        images.append(runtime.predictor.prepare_image(image))
     return _Prepared(payload, images, model_version)
 
 
@@ -238,7 +273,7 @@ def _finish(task: _Prepared, predictions: list[list[Any]]) -> dict[str, Any]:
     task_id = payload.get("task_id")
     regions: list[dict[str, Any]] = []
     for image, group, image_predictions in zip(task.images, payload["images"], predictions):
-        height, width = image.shape[:2]
+        height, width = image.image.shape[:2]
         for number, (request, prediction) in enumerate(zip(group["requests"], image_predictions)):
             for index, mask in enumerate(_postprocess(prediction.mask, options)):
                 region_id = _region_id(task_id, group["to_name"], number, request, index, model_version)
@@ -250,8 +285,9 @@ def _finish(task: _Prepared, predictions: list[list[Any]]) -> dict[str, Any]:
     return {"result": regions, "score": round(score, 4), "model_version": model_version}
 
 
-def _get_pool(settings: Settings) -> ThreadPoolExecutor:
-    """The process-wide thread pool of the CPU stages (WORKER_THREADS threads)."""
+def get_pool(settings: Settings) -> ThreadPoolExecutor:
+    """The process-wide thread pool of the per-image CPU work (WORKER_THREADS threads); workers also complete their
+    RQ jobs on it."""
     global _pool
     with _pool_lock:
         if _pool is None:
@@ -259,17 +295,23 @@ def _get_pool(settings: Settings) -> ThreadPoolExecutor:
         return _pool
 
 
-def _each(pool: ThreadPoolExecutor, function: Callable[[Any], Any], items: Sequence[Any]) -> list[Any]:
-    """`function` over `items` (on the pool when there are several); each result, or the Exception it raised."""
-    def guarded(item: Any) -> Any:
+def _guarded(function: Callable[..., Any]) -> Callable[..., Any]:
+    """`function`, returning the Exception it raises instead of raising it (the caller reports it as that task's
+    failure)."""
+    def guarded(*args: Any) -> Any:
         try:
-            return function(item)
-        except Exception as error:  # noqa: BLE001 - the caller reports it as that item's failure
+            return function(*args)
+        except Exception as error:  # noqa: BLE001 - see above
             return error
 
+    return guarded
+
+
+def _each(pool: ThreadPoolExecutor, function: Callable[[Any], Any], items: Sequence[Any]) -> list[Any]:
+    """`function` over `items` (on the pool when there are several); each result, or the Exception it raised."""
     if len(items) <= 1:
-        return [guarded(item) for item in items]
-    return list(pool.map(guarded, items))
+        return [_guarded(function)(item) for item in items]
+    return list(pool.map(_guarded(function), items))
 
 
 def _confidence(predicted_iou: float) -> float:
@@ -338,5 +380,7 @@ def _id_of(value: Any) -> Any:
     return value.get("id") if isinstance(value, dict) else value
 
 
-# Job functions whose jobs may run together (worker and embedded mode), mapped to their batched form.
+# Job functions whose jobs may run together (worker and embedded mode), mapped to their batched form, and for
+# workers to the staged form behind it.
 BATCHED: dict[str, Callable[[Sequence[dict[str, Any]]], list[Any]]] = {f"{__name__}.predict_task": predict_tasks}
+PIPELINED: dict[str, Callable[[Sequence[dict[str, Any]]], PredictBatch]] = {f"{__name__}.predict_task": PredictBatch}

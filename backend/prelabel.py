@@ -5,8 +5,9 @@
 1. plan — read the project's label config, list its tasks (optionally filtered), skip the tasks that already carry a
    prediction of the current `model_version`, and cut the rest into chunks;
 2. run — each chunk is one job on the `batch` queue (`run_chunk`; embedded mode: the same function in-process): claim
-   each task for (project, model_version) in Redis, re-check LS for an existing prediction, predict with
-   `backend.jobs.predict_task`, write the chunk's predictions with one `import/predictions` call, release the claims;
+   each task for (project, model_version) in Redis, re-check LS for an existing prediction, predict the chunk's tasks
+   together with `backend.jobs.predict_tasks` (one batched model call), write the chunk's predictions with one
+   `import/predictions` call, release the claims;
 3. report — job state (done / failed with reasons / skipped / remaining) lives in Redis (`JobState`), shown by the CLI
    progress bar and `GET /jobs/{id}`.
 
@@ -316,9 +317,15 @@ def plan(settings: Settings, request: PrelabelRequest, client: LabelStudioClient
 
 # --- running a chunk ---------------------------------------------------------------------------------------------
 
+Predict = Callable[[list[dict[str, Any]]], list[Any]]  # payloads -> per payload its prediction or Exception
+
+
 def process_chunk(payload: dict[str, Any], *, state: JobState, claims: Claims, client: LabelStudioClient,
-                  predict: Callable[[dict[str, Any]], dict[str, Any]], retries: int = 1) -> dict[str, int]:
-    """Predict and write one chunk; every task ends up done, failed (with its reason) or skipped. Returns counts."""
+                  predict: Predict, retries: int = 1) -> dict[str, int]:
+    """Predict and write one chunk; every task ends up done, failed (with its reason) or skipped. Returns counts.
+
+    The chunk's tasks go through `predict` together (`backend.jobs.predict_tasks`: one batched model call); tasks
+    that failed for a transient reason are tried again together, up to `retries` times."""
     from backend.queueing import failure_reason, is_permanent
 
     job_id, project, model_version = payload["job_id"], payload["project"], payload["model_version"]
@@ -331,7 +338,7 @@ def process_chunk(payload: dict[str, Any], *, state: JobState, claims: Claims, c
         else:
             state.mark(job_id, task_id, "skipped", "claimed_elsewhere", "another pre-labelling run is predicting it")
     try:
-        results: dict[int, dict[str, Any]] = {}
+        pending: list[dict[str, Any]] = []
         for task_payload in claimed:
             task_id = task_payload["task_id"]
             try:
@@ -342,14 +349,24 @@ def process_chunk(payload: dict[str, Any], *, state: JobState, claims: Claims, c
             except LabelStudioAPIError as error:
                 state.mark(job_id, task_id, "failed", error.code, error.message)
                 continue
-            for attempt in range(retries + 1):
-                try:
-                    results[task_id] = predict(task_payload)
-                    break
-                except Exception as error:  # noqa: BLE001 - every failure becomes the task's reported reason
-                    if is_permanent(error) or attempt == retries:
-                        state.mark(job_id, task_id, "failed", *failure_reason(error))
-                        break
+            pending.append(task_payload)
+        results: dict[int, dict[str, Any]] = {}
+        for attempt in range(retries + 1):
+            if not pending:
+                break
+            try:
+                outcomes = predict(pending)
+            except Exception as error:  # noqa: BLE001 - e.g. the model cannot be loaded: a failure of every task
+                outcomes = [error] * len(pending)
+            again = []
+            for task_payload, outcome in zip(pending, outcomes):
+                if not isinstance(outcome, Exception):
+                    results[task_payload["task_id"]] = outcome
+                elif is_permanent(outcome) or attempt == retries:
+                    state.mark(job_id, task_payload["task_id"], "failed", *failure_reason(outcome))
+                else:
+                    again.append(task_payload)
+            pending = again
         _write(project, model_version, results, client=client, state=state, job_id=job_id)
     finally:
         for task_payload in claimed:
@@ -431,7 +448,7 @@ def run_chunk(payload: dict[str, Any]) -> dict[str, int]:
     redis, client = _worker_context(settings)
     return process_chunk(payload, state=JobState(redis, settings.redis_key_prefix),
                          claims=Claims(redis, settings.redis_key_prefix, ttl=settings.job_timeout + 60),
-                         client=client, predict=jobs.predict_task, retries=settings.job_retries)
+                         client=client, predict=jobs.predict_tasks, retries=settings.job_retries)
 
 
 def on_chunk_failure(job: Any, connection: Any, exc_type: type, exc_value: BaseException, traceback: Any) -> None:
@@ -487,31 +504,30 @@ def start_run(settings: Settings, request: PrelabelRequest, client: LabelStudioC
 
 def run_inline(settings: Settings, the_plan: Plan, job_id: str, state: JobState, client: LabelStudioClient,
                chunk_size: int, *, redis: Any = None, on_progress: Callable[[], None] = lambda: None,
-               predict: Callable[[dict[str, Any]], dict[str, Any]] | None = None) -> None:
+               predict: Predict | None = None) -> None:
     """Run the plan's chunks one after another in this process (embedded mode, or a webhook job in a worker, where
-    `redis` makes the claims visible to other runs). `predict` defaults to `backend.jobs.predict_task`."""
+    `redis` makes the claims visible to other runs). `predict` defaults to `backend.jobs.predict_tasks`."""
     from backend import jobs
 
     claims = Claims(redis, settings.redis_key_prefix, ttl=settings.job_timeout + 60)
     for chunk in the_plan.chunks(chunk_size):
         process_chunk({"job_id": job_id, "project": the_plan.project, "model_version": the_plan.model_version,
                        "tasks": chunk}, state=state, claims=claims, client=client,
-                      predict=predict or jobs.predict_task, retries=0 if predict else settings.job_retries)
+                      predict=predict or jobs.predict_tasks, retries=0 if predict else settings.job_retries)
         on_progress()
 
 
-def predict_via(dispatcher: Any, settings: Settings) -> Callable[[dict[str, Any]], dict[str, Any]] | None:
-    """Embedded server: predict through its dispatcher (one model user at a time, retries included); None with
-    Redis, where chunks go to the workers."""
+def predict_via(dispatcher: Any, settings: Settings) -> Predict | None:
+    """Embedded server: predict through its dispatcher (one model user at a time, a chunk's tasks batched together,
+    retries included); None with Redis, where chunks go to the workers."""
     if dispatcher.redis is not None:
         return None
     from backend.model import PREDICT_JOB
 
-    def predict(payload: dict[str, Any]) -> dict[str, Any]:
-        [outcome] = dispatcher.run(PREDICT_JOB, [payload], interactive=False, timeout=settings.job_timeout)
-        if not outcome.ok:
-            raise BackendError(outcome.message, status=422, code=outcome.error)
-        return outcome.value
+    def predict(payloads: list[dict[str, Any]]) -> list[Any]:
+        outcomes = dispatcher.run(PREDICT_JOB, payloads, interactive=False, timeout=settings.job_timeout)
+        return [outcome.value if outcome.ok else BackendError(outcome.message, status=422, code=outcome.error)
+                for outcome in outcomes]
 
     return predict
 
@@ -536,8 +552,7 @@ def state_for(settings: Settings, redis: Any) -> JobState:
     return _embedded_state if redis is None else JobState(redis, settings.redis_key_prefix)
 
 
-def submit(settings: Settings, request: PrelabelRequest, redis: Any, *,
-           predict: Callable[[dict[str, Any]], dict[str, Any]] | None = None) -> str:
+def submit(settings: Settings, request: PrelabelRequest, redis: Any, *, predict: Predict | None = None) -> str:
     """Start a prelabel job in the background (Redis: planned by a worker; embedded: a thread predicting with
     `predict`); returns its id at once."""
     job_id = f"prelabel-{uuid.uuid4().hex[:12]}"

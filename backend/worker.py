@@ -3,11 +3,18 @@
 One worker per GPU (`--gpu N` or CUDA_VISIBLE_DEVICES). Jobs run in the worker process itself (no fork after CUDA
 init). Dynamic batching: after taking a predict job the worker takes up to WORKER_BATCH_JOBS - 1 more ready ones
 (interactive first), waiting at most WORKER_BATCH_WAIT_MS while fewer are ready; their tasks go through one batched
-model call (`backend.jobs.predict_tasks`) and each job is completed with its own result or failure through RQ's own
-success/failure handling. While busy, the worker heartbeats every WORKER_HEARTBEAT_INTERVAL seconds for every job
-it holds; a worker that dies mid-batch stops heartbeating, the jobs' StartedJobRegistry entries expire after
-WORKER_ABANDONED_AFTER seconds, and the next registry maintenance of any worker (RQ's abandoned-job handling) puts
-them back on their queues while they have retries left.
+model call (`backend.jobs.PredictBatch`) and each job is completed with its own result or failure through RQ's own
+success/failure handling.
+
+The main thread only takes jobs and calls the model; everything per image runs on the WORKER_THREADS pool:
+fetching, decoding, hashing and preprocessing a batch's images, and afterwards the brush RLE, the result's
+serialisation and RQ's completion of each job. Batches overlap: when a batch is prepared, the worker takes the jobs
+that are ready by then (without waiting) and starts preparing them while the model runs on the first.
+
+While busy, the worker heartbeats every WORKER_HEARTBEAT_INTERVAL seconds for every job it holds; a worker that dies
+mid-batch stops heartbeating, the jobs' StartedJobRegistry entries expire after WORKER_ABANDONED_AFTER seconds, and
+the next registry maintenance of any worker (RQ's abandoned-job handling) puts them back on their queues while they
+have retries left.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+from concurrent.futures import Future
 from typing import Any
 
 from redis.exceptions import RedisError
@@ -27,7 +35,7 @@ from rq import worker_registration
 from rq.job import Job
 from rq.queue import Queue
 from rq.serializers import JSONSerializer
-from rq.timeouts import JobTimeoutException
+from rq.timeouts import BaseDeathPenalty, JobTimeoutException, TimerDeathPenalty, UnixSignalDeathPenalty
 from rq.utils import now
 from rq.worker import SimpleWorker, WorkerStatus
 
@@ -73,36 +81,57 @@ class EvfWorker(SimpleWorker):
         """How long the job's StartedJobRegistry entry lives without a new heartbeat."""
         return self.abandoned_after
 
+    @property
+    def death_penalty_class(self) -> type[BaseDeathPenalty]:  # type: ignore[override]
+        """SIGALRM timeouts on the main thread; elsewhere (jobs completed on the pool run their failure callbacks
+        there) a timer, since signals reach only the main thread."""
+        if threading.current_thread() is threading.main_thread():
+            return UnixSignalDeathPenalty
+        return TimerDeathPenalty
+
     def execute_job(self, job: Job, queue: Queue) -> None:
         """Run `job`; a predict job first gathers up to `batch_jobs` - 1 more ready jobs (interactive first, waiting
-        at most `batch_wait` seconds) and all of them go through the model together. Every job taken is in RQ's
-        StartedJobRegistry from the moment it is taken, so a worker that dies mid-batch leaves them all to be retried.
+        at most `batch_wait` seconds) and all of them go through the model together, then batches go on while jobs
+        are ready (`_run_batches`). Every job taken is in RQ's StartedJobRegistry from the moment it is taken, so a
+        worker that dies mid-batch leaves them all to be retried.
         """
         if self.before_job is not None:
             self.before_job()
-        taken = [(job, queue, self.prepare_execution(job))]
+        self._held: dict[str, tuple[Job, Queue, Any]] = {}
+        self._held_lock = threading.Lock()
+        taken = [self._hold(job, queue, self.prepare_execution(job))]
         done = threading.Event()
-        beat = threading.Thread(target=self._heartbeat_while_busy, args=(taken, done), name="evf-heartbeat",
-                                daemon=True)
+        beat = threading.Thread(target=self._heartbeat_while_busy, args=(done,), name="evf-heartbeat", daemon=True)
         beat.start()
         try:
             if _batched_form(job) is not None:
-                self._take_more(taken)
+                self._take_more(taken, self.batch_wait)
             batch = [entry for entry in taken if _batched_form(entry[0]) is not None]
+            others = [entry for entry in taken if entry not in batch]
             if batch:
-                self._perform_batch(batch)
-            for entry in taken:
-                if entry not in batch:
-                    self.perform_job(*entry)
+                self._run_batches(batch, others)
+            for entry in others:
+                self.perform_job(*entry)
+                self._release(entry[0])
         finally:
             done.set()
             beat.join()
         self.set_state(WorkerStatus.IDLE)
 
-    def _take_more(self, taken: list[tuple[Job, Queue, Any]]) -> None:
-        """Add up to `batch_jobs` - 1 more jobs to `taken`, from the queues in priority order, each started at once
-        (so it cannot be lost); polls until `batch_wait` seconds have passed while fewer are ready."""
-        deadline = time.monotonic() + self.batch_wait
+    def _hold(self, job: Job, queue: Queue, execution: Any) -> tuple[Job, Queue, Any]:
+        """Heartbeat for this job from now until `_release`."""
+        with self._held_lock:
+            self._held[job.id] = (job, queue, execution)
+        return job, queue, execution
+
+    def _release(self, job: Job) -> None:
+        with self._held_lock:
+            self._held.pop(job.id, None)
+
+    def _take_more(self, taken: list[tuple[Job, Queue, Any]], wait: float) -> None:
+        """Add jobs to `taken` until it holds `batch_jobs`, from the queues in priority order, each started at once
+        (so it cannot be lost); polls until `wait` seconds have passed while fewer are ready."""
+        deadline = time.monotonic() + wait
         while len(taken) < self.batch_jobs and not self._stop_requested:
             try:
                 found = self.queue_class.dequeue_any(self._ordered_queues, None, connection=self.connection,
@@ -112,67 +141,137 @@ class EvfWorker(SimpleWorker):
                 self.log.warning("worker %s: stopped gathering a batch: %s", self.name, error)
                 return
             if found is not None:
-                taken.append((*found, self.prepare_execution(found[0])))
+                taken.append(self._hold(*found, self.prepare_execution(found[0])))
                 continue
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return
             time.sleep(min(remaining, BATCH_POLL_SECONDS))
 
-    def _perform_batch(self, batch: list[tuple[Job, Queue, Any]]) -> None:
-        """Run predict jobs through one batched call, then complete each with its own result or failure exactly as
-        RQ's perform_job does (success/failure registries, callbacks, retries)."""
+    def _run_batches(self, batch: list[tuple[Job, Queue, Any]], others: list[tuple[Job, Queue, Any]]) -> None:
+        """Predict `batch`, and the batches that are ready each time the previous one is prepared, until none is
+        ready, a non-predict job was taken (it goes to `others`), a stop is requested or maintenance is due. The
+        next batch is prepared on the pool while the model runs; jobs are completed on the pool; all are completed
+        on return."""
+        completions: list[Future[None]] = []
+        current: _Batch | None = self._start_batch(batch)
+        while current is not None:
+            following = None
+            try:
+                with self.death_penalty_class(current.timeout, _BatchTimeout, job_id=current.entries[0][0].id):
+                    if current.run is not None:
+                        current.run.wait_prepared()
+                    following = self._start_next(others)
+                    if current.run is not None:
+                        current.run.predict()
+            except _BatchTimeout:
+                current.failure = JobTimeoutException(f"the batch of {len(current.entries)} task(s) ran longer than "
+                                                      f"{current.timeout} s (JOB_TIMEOUT)")
+            except Exception as error:  # noqa: BLE001 - the batch isolates tasks; this is a failure of all
+                current.failure = error
+            self.log.info("worker %s: batch %s of %d job(s) predicted in %.0f ms", self.name, current.id,
+                          len(current.entries), (time.perf_counter() - current.started) * 1000)
+            pool = _pool()
+            completions += [pool.submit(self._complete, current, index) for index in range(len(current.entries))]
+            current = following
+        for completion in completions:
+            completion.result()
+
+    def _start_next(self, others: list[tuple[Job, Queue, Any]]) -> _Batch | None:
+        """Take the jobs ready now (no waiting) and start preparing the predict jobs among them; None when there are
+        none, a non-predict job waits in `others`, a stop was requested or maintenance is due."""
+        if others or self._stop_requested or self.should_run_maintenance_tasks:
+            return None
+        taken: list[tuple[Job, Queue, Any]] = []
+        self._take_more(taken, 0.0)
+        others += [entry for entry in taken if _batched_form(entry[0]) is None]
+        batch = [entry for entry in taken if _batched_form(entry[0]) is not None]
+        if not batch:
+            return None
+        if self.before_job is not None:
+            self.before_job()
+        try:
+            return self._start_batch(batch)
+        except RedisError as error:  # its jobs stay started without heartbeat: abandoned, then retried
+            self.log.warning("worker %s: could not start the next batch: %s", self.name, error)
+            for job, _, _ in batch:
+                self._release(job)
+            return None
+
+    def _start_batch(self, batch: list[tuple[Job, Queue, Any]]) -> _Batch:
+        """Mark the jobs started, record their batch in job.meta and queue their preparation on the pool."""
         jobs = [job for job, _, _ in batch]
-        for job, _, _ in batch:
+        for job in jobs:
             self.prepare_job_execution(job, remove_from_intermediate_queue=len(self.queues) == 1)
             job.started_at = now()
-        batch_id = uuid.uuid4().hex[:12]
+        started = _Batch(batch, uuid.uuid4().hex[:12], min(job.timeout or self.queue_class.DEFAULT_TIMEOUT
+                                                             for job in jobs))
         with self.connection.pipeline() as pipeline:
             for position, job in enumerate(jobs):
-                job.meta["batch"] = {"id": batch_id, "size": len(jobs), "position": position}
+                job.meta["batch"] = {"id": started.id, "size": len(jobs), "position": position}
                 pipeline.hset(job.key, "meta", job.serializer.dumps(job.meta))
             pipeline.execute()
-        timeout = min(job.timeout or self.queue_class.DEFAULT_TIMEOUT for job in jobs)
-        started = time.perf_counter()
         try:
-            with self.death_penalty_class(timeout, _BatchTimeout, job_id=jobs[0].id):
-                outcomes = _batched_form(jobs[0])([job.args[0] for job in jobs])
-        except _BatchTimeout:
-            outcomes = [JobTimeoutException(f"the batch of {len(jobs)} task(s) ran longer than {timeout} s "
-                                            "(JOB_TIMEOUT)") for _ in jobs]
-        except Exception as error:  # noqa: BLE001 - the batch function isolates tasks; this is a failure of all
-            outcomes = [error for _ in jobs]
-        self.log.info("worker %s: batch %s of %d job(s) predicted in %.0f ms", self.name, batch_id, len(jobs),
-                      (time.perf_counter() - started) * 1000)
-        for (job, queue, execution), outcome in zip(batch, outcomes):
-            try:
-                if isinstance(outcome, BaseException):
-                    raise outcome
-                self._finalize_success(job, queue, execution, outcome)
-            except Exception:  # noqa: BLE001 - as RQ's perform_job: any failure is the job's failure
-                self._finalize_failure(job, queue, execution, sys.exc_info())
+            started.run = _batched_form(jobs[0])([job.args[0] for job in jobs])
+        except Exception as error:  # noqa: BLE001 - e.g. the model cannot be loaded: every job fails with it
+            started.failure = error
+        return started
 
-    def _heartbeat_while_busy(self, taken: list[tuple[Job, Queue, Any]], done: threading.Event) -> None:
+    def _complete(self, batch: _Batch, index: int) -> None:
+        """Finish job `index` of `batch` (its LS prediction, on this pool thread) and complete it exactly as RQ's
+        perform_job does (success/failure registries, callbacks, retries)."""
+        job, queue, execution = batch.entries[index]
+        self._release(job)
+        try:
+            outcome = batch.failure or batch.run.finish(index)  # type: ignore[union-attr]
+            if isinstance(outcome, BaseException):
+                raise outcome
+            self._finalize_success(job, queue, execution, outcome)
+        except Exception:  # noqa: BLE001 - as RQ's perform_job: any failure is the job's failure
+            self._finalize_failure(job, queue, execution, sys.exc_info())
+
+    def _heartbeat_while_busy(self, done: threading.Event) -> None:
         while not done.wait(self.heartbeat_interval):
-            for job, _, execution in list(taken):
-                try:
-                    self.maintain_heartbeats(job, execution)
-                except RedisError as error:
-                    self.log.warning("heartbeat for job %s failed: %s", job.id, error)
-                    break
+            with self._held_lock:  # a job being completed is released first, so no beat revives it
+                for job, _, execution in list(self._held.values()):
+                    try:
+                        self.maintain_heartbeats(job, execution)
+                    except RedisError as error:
+                        self.log.warning("heartbeat for job %s failed: %s", job.id, error)
+                        break
+
+
+class _Batch:
+    """Predict jobs going through one model call: their RQ entries, the staged prediction (`run`) or the failure
+    that hit all of them."""
+
+    def __init__(self, entries: list[tuple[Job, Queue, Any]], batch_id: str, timeout: int) -> None:
+        self.entries = entries
+        self.id = batch_id
+        self.timeout = timeout
+        self.run: Any = None  # backend.jobs.PredictBatch
+        self.failure: BaseException | None = None
+        self.started = time.perf_counter()
 
 
 class _BatchTimeout(BaseException):
     """A batch ran past its JOB_TIMEOUT (a BaseException, so no per-task error handling swallows it)."""
 
 
-def _batched_form(job: Job) -> Callable[[list[dict[str, Any]]], list[Any]] | None:
-    """The batched form of a job's function (jobs.BATCHED) when the job can join a batch, else None."""
+def _batched_form(job: Job) -> Callable[[list[dict[str, Any]]], Any] | None:
+    """The staged batched form of a job's function (jobs.PIPELINED) when the job can join a batch, else None."""
     from backend import jobs
 
     if job.kwargs or len(job.args) != 1:
         return None
-    return jobs.BATCHED.get(job.func_name or "")
+    return jobs.PIPELINED.get(job.func_name or "")
+
+
+def _pool() -> Any:
+    """The process's per-image thread pool (backend.jobs.get_pool)."""
+    from backend import jobs
+
+    return jobs.get_pool(get_settings())
 
 
 def run_worker(settings: Settings | None = None, *, burst: bool = False, name: str | None = None) -> int:

@@ -126,3 +126,23 @@ def test_when_the_batched_call_fails_only_the_tasks_that_fail_alone_fail(job_env
     assert outcomes[1] == jobs.predict_task(plain)
     for outcome in (outcomes[0], outcomes[2]):
         assert isinstance(outcome, Exception) and "multitask" in str(outcome)
+
+
+def test_predict_batch_stages_run_on_any_thread_and_answer_as_predict_task(job_env, image_server):
+    """The worker's split: preparation queued on the pool at creation, the model on the caller's thread, each task
+    finished on another thread; a bad task fails alone."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    bodies = [payload(image_server.image_url(name)) for name in ("red.png", "broken.png", "exif.jpg")]
+    for number, body in enumerate(bodies):
+        body["task_id"] = number
+    batch = jobs.PredictBatch(bodies)
+    with pytest.raises(RuntimeError, match="before predict"):
+        batch.finish(0)
+    batch.wait_prepared()
+    batch.predict()
+    with ThreadPoolExecutor(3) as pool:
+        outcomes = list(pool.map(batch.finish, range(3)))
+    assert outcomes[0] == jobs.predict_task(bodies[0]) and outcomes[2] == jobs.predict_task(bodies[2])
+    assert isinstance(outcomes[1], BackendError) and outcomes[1].code == "bad_image"
+    assert jobs.PIPELINED.keys() == jobs.BATCHED.keys()

@@ -15,6 +15,7 @@ import uuid
 
 import pytest
 
+from backend.errors import BackendError
 from backend.ls_auth import LabelStudioAuth
 from backend.ls_client import LabelStudioClient
 from backend.prelabel import Claims, JobState, PrelabelRequest, parse_task_ids, process_chunk
@@ -138,10 +139,10 @@ def test_concurrent_chunks_of_two_runs_claim_each_task_once(ls, redis_db) -> Non
     state, claims = JobState(redis, prefix), Claims(redis, prefix, ttl=60)
     predicted: list[int] = []
 
-    def predict(payload: dict) -> dict:
-        predicted.append(payload["task_id"])
+    def predict(payloads: list[dict]) -> list[dict]:
+        predicted.extend(payload["task_id"] for payload in payloads)
         time.sleep(0.05)
-        return {"result": [], "score": 0.0, "model_version": "mv-1"}
+        return [{"result": [], "score": 0.0, "model_version": "mv-1"} for _ in payloads]
 
     def one_run(job_id: str) -> None:
         state.create(job_id, status="running", to_do=len(tasks))
@@ -172,7 +173,7 @@ def test_without_the_bulk_import_route_predictions_are_written_one_by_one(ls, re
     with LabelStudioClient(ls.url, LabelStudioAuth(ls.url, TOKEN), backoff=0.01) as client:
         process_chunk({"job_id": "j", "project": 8, "model_version": "mv", "tasks": [{"task_id": t} for t in tasks]},
                       state=state, claims=Claims(), client=client,
-                      predict=lambda p: {"result": [], "score": 0.1, "model_version": "mv"})
+                      predict=lambda payloads: [{"result": [], "score": 0.1, "model_version": "mv"}] * len(payloads))
     assert state.get("j")["done"] == 3 and all(len(ls.predictions_of(t, "mv")) == 1 for t in tasks)
     assert ls.count("POST", "/api/predictions") == 3
 
@@ -226,3 +227,32 @@ def test_embedded_server_prelabels_through_its_own_dispatcher(ls, model_env, sta
     assert all(len(v) == 1 for v in versions_per_task(ls, tasks).values())
     health = httpx.get(server.url + "/health").json()
     assert health["status"] == "UP" and "training" in health
+
+
+def test_a_chunk_is_predicted_in_one_batched_call_and_transient_failures_are_retried_together(ls) -> None:
+    ls.add_project(9, LABEL_CONFIG)
+    tasks = [ls.add_task(9, {"image": "x.png"}) for _ in range(4)]
+    calls: list[list[int]] = []
+
+    def predict(payloads: list[dict]) -> list:
+        calls.append([payload["task_id"] for payload in payloads])
+        outcomes: list = []
+        for payload in payloads:
+            if payload["task_id"] == tasks[1]:
+                outcomes.append(BackendError("no such image", status=422, code="bad_image"))  # permanent
+            elif payload["task_id"] == tasks[2] and len(calls) == 1:
+                outcomes.append(RuntimeError("GPU hiccup"))  # transient: tried again
+            else:
+                outcomes.append({"result": [], "score": 0.5, "model_version": "mv"})
+        return outcomes
+
+    state = JobState()
+    state.create("j", status="running", to_do=4)
+    with LabelStudioClient(ls.url, LabelStudioAuth(ls.url, TOKEN), backoff=0.01) as client:
+        process_chunk({"job_id": "j", "project": 9, "model_version": "mv", "tasks": [{"task_id": t} for t in tasks]},
+                      state=state, claims=Claims(), client=client, predict=predict, retries=1)
+    assert calls == [tasks, [tasks[2]]]
+    report = state.get("j")
+    assert (report["done"], report["failed"], report["remaining"]) == (3, 1, 0)
+    assert report["failures"] == [{"task": tasks[1], "code": "bad_image", "message": "no such image"}]
+    assert [len(ls.predictions_of(t, "mv")) for t in tasks] == [1, 0, 1, 1]

@@ -209,3 +209,23 @@ def test_jobs_of_a_worker_killed_mid_batch_complete_on_another_and_sigterm_finis
     assert all(result["result"] for result in results)
     assert survivor.popen.wait(30) == 0
     assert {batch_of(job)["size"] for job in stack.jobs({711, 712}).values()} == {2}
+
+
+def test_a_stream_of_batches_answers_every_job_with_its_own_result(stack, image_server):
+    """12 jobs queued at once go through back-to-back batches (the next one prepared while the model runs, jobs
+    completed on the pool): each job gets exactly its own answer, the bad image fails alone."""
+    names = ["red.png", "exif.jpg", "small.png"]
+    tasks = [task(800 + n, image_server.image_url("broken.png" if n == 6 else names[n % 3]),
+                  prompt=["the red square", "a cat", "the square"][n % 3]) for n in range(12)]
+    together = stack.predict(tasks)
+    jobs = stack.jobs({800 + n for n in range(12)})
+    batches: dict[str, list[int]] = {}
+    for number, job in jobs.items():
+        batches.setdefault(batch_of(job)["id"], []).append(number)
+    assert len(batches) >= 3 and all(len(members) <= BATCH_JOBS for members in batches.values())
+    assert [jobs[800 + n].get_status() for n in range(12)] == ["failed" if n == 6 else "finished" for n in range(12)]
+    assert together[6]["result"] == [] and jobs[806].meta["error"]["code"] == "bad_image"
+    alone = {800 + n: stack.predict([one])[0] for n, one in enumerate(tasks) if n in (0, 1, 2, 9, 10, 11)}
+    for number, answer in alone.items():
+        assert together[number - 800] == answer
+    assert together[0]["result"] and together[9]["result"]
