@@ -11,10 +11,14 @@ resize the CPU still does plus a host copy of the uint8 bytes standing in for th
 full-size logits, the brush RLE of a typical mask, and the Redis/RQ round trip of a job (server enqueue -> worker take,
 start, finish with a result of that size -> server reads the result) with batches of 1 and of 8 jobs.
 
-The worker splits this work in two: downloads, decoding and RLE run on WORKER_THREADS threads; hashing, preprocessing,
-the mask threshold and the Redis bookkeeping run on the worker's main thread, one image after the other. The report
-gives, per size and preprocessing path, the CPU milliseconds per image of each part, the cores needed at 70 img/s
-(EVF-SAM target) and 200 img/s (EVF-SAM2 target), and whether the main-thread part fits the per-image time budget.
+Then the worker itself (`--worker-size`, default 1920x1080): an in-process `EvfWorker` on the real Redis takes
+`predict_task` jobs of loopback JPEGs in batches of 8 and runs the real job code - fetch, decode, `prepare_image`,
+the predictor call, brush RLE, RQ completion - around a model whose device work is left out (`HostOnlyPredictor`:
+what stays on the host of a CUDA model's thread is kept, i.e. preprocessing of images not prepared beforehand and the
+device-to-host copy and threshold of the full-size logits). Timed: the CPU time of the worker's main thread and of the
+whole process per job, for "before" (the previous placement, rebuilt from the same parts: hash and resize in the
+predictor call, RQ completion on the main thread, one batch at a time) and "after" (the worker as shipped), in the
+same run, alternating rounds. The main thread's CPU per job bounds one worker process at 1000 / ms img/s.
 """
 
 from __future__ import annotations
@@ -44,7 +48,7 @@ from PIL import Image, ImageDraw
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 from backend import jobs, rle  # noqa: E402
 from backend.media import ImageFetcher, decode_image  # noqa: E402
-from evf_sam.predictor import image_key  # noqa: E402
+from evf_sam.predictor import EvfPredictor, Prediction, PreparedImage, image_key  # noqa: E402
 from evf_sam.transforms import beit_input, load_image, resize_longest_side, sam_input  # noqa: E402
 
 TARGETS = {"EVF-SAM": 70.0, "EVF-SAM2": 200.0}  # img/s per GPU (issue #8)
@@ -202,11 +206,31 @@ def prepare_scaling(base_url: str, name: str, threads: int, count: int = 16) -> 
     return count / elapsed
 
 
+class FixedBatch:
+    """Stands in for jobs.PredictBatch: every task's answer is `result`, nothing is computed."""
+
+    def __init__(self, payloads: list[dict[str, Any]], result: dict[str, Any]) -> None:
+        self.payloads, self.result = payloads, result
+
+    @classmethod
+    def of(cls, result: dict[str, Any]) -> Callable[[list[dict[str, Any]]], FixedBatch]:
+        return lambda payloads: cls(payloads, result)
+
+    def wait_prepared(self) -> None:
+        pass
+
+    def predict(self) -> None:
+        pass
+
+    def finish(self, index: int) -> dict[str, Any]:
+        return self.result
+
+
 def redis_round_trip(redis_url: str, result: dict[str, Any], batch_jobs: int, rounds: int) -> tuple[float, float]:
-    """(worker CPU ms, round-trip wall ms) per job of the queue bookkeeping: the server enqueues `batch_jobs` predict
-    jobs and waits for them (RedisDispatcher, on a thread), the worker takes them as one batch and completes each
-    (EvfWorker.execute_job, on this thread) with `result`. The model call is replaced by returning `result`, so only
-    transport and RQ bookkeeping are timed."""
+    """(worker main-thread CPU ms, round-trip wall ms) per job of the queue bookkeeping: the server enqueues
+    `batch_jobs` predict jobs and waits for them (RedisDispatcher, on a thread), the worker takes them as one batch
+    (EvfWorker.execute_job, on this thread) and completes each with `result` (on its pool). The model call is replaced
+    by returning `result`, so only transport and RQ bookkeeping are timed."""
     from redis import Redis
     from rq import Queue
     from rq.serializers import JSONSerializer
@@ -225,8 +249,8 @@ def redis_round_trip(redis_url: str, result: dict[str, Any], batch_jobs: int, ro
     worker = EvfWorker(queues, name=tag, connection=connection, serializer=JSONSerializer)
     worker.batch_jobs, worker.batch_wait = batch_jobs, 0.005
     worker.register_birth()
-    original = jobs.BATCHED[PREDICT_JOB]
-    jobs.BATCHED[PREDICT_JOB] = lambda payloads: [result for _ in payloads]
+    original = jobs.PIPELINED[PREDICT_JOB]
+    jobs.PIPELINED[PREDICT_JOB] = FixedBatch.of(result)  # type: ignore[assignment]
     payload = {"task_id": 1, "hostname": None, "prompt_hash": "abc", "options": {"mask_mode": "semantic"},
                "images": [{"url": "http://127.0.0.1/x.jpg", "to_name": "image",
                            "requests": [{"from_name": "tag", "type": "brushlabels", "label": "Cat",
@@ -251,7 +275,7 @@ def redis_round_trip(redis_url: str, result: dict[str, Any], batch_jobs: int, ro
                 raise RuntimeError(f"round trip failed: {outcomes}")
         return statistics.median(worker_cpu[1:]), statistics.median(wall[1:])
     finally:
-        jobs.BATCHED[PREDICT_JOB] = original
+        jobs.PIPELINED[PREDICT_JOB] = original
         worker.register_death()
         for queue in queues:
             for registry in (queue.finished_job_registry, queue.failed_job_registry):
@@ -274,63 +298,204 @@ def redis_ping(redis_url: str, seconds: float) -> tuple[float, float]:
         connection.close()
 
 
-# --- report --------------------------------------------------------------------------------------------------------
+# --- the worker's main thread ------------------------------------------------------------------------------------
 
-def report(size: str, stages: dict[str, float]) -> list[dict[str, Any]]:
-    """Per model and preprocessing path: pool-thread ms, main-thread ms, cores and main-thread budget per target."""
+class HostOnlyPredictor(EvfPredictor):
+    """EvfPredictor without device work: per prompt, a copy of a typical object's full-size logits (the host side of
+    the device-to-host copy) and its threshold; images not prepared beforehand are preprocessed here, as the model's
+    thread would."""
+
+    def _predict(self, images: list[PreparedImage], prompt_lists: list[list[str]], input_ids: torch.Tensor,
+                 attention_mask: torch.Tensor) -> list[list[Prediction]]:
+        results = []
+        for image, prompts in zip(images, prompt_lists):
+            if image.inputs is None:
+                self._host_inputs(image.image)
+            logits = _object_logits(*image.image.shape[:2])
+            results.append([Prediction(mask=(full := logits.copy()) > 0, logits=full, score=0.9) for _ in prompts])
+        return results
+
+
+class PreviousPredictor(HostOnlyPredictor):
+    """The previous placement: `prepare_image` only checks the array (on the pool); hashing and preprocessing happen
+    in the predictor call, on the model's thread."""
+
+    def prepare_image(self, image: Any) -> PreparedImage:
+        return PreparedImage(load_image(image), "", None, ())
+
+    def predict_batch(self, items: Any, semantic: bool = False) -> list[list[Prediction]]:
+        return super().predict_batch([(prepared.image, prompts) for prepared, prompts in items], semantic)
+
+
+_logits_cache: dict[tuple[int, int], np.ndarray] = {}
+
+
+def _object_logits(height: int, width: int) -> np.ndarray:
+    if (height, width) not in _logits_cache:
+        _logits_cache[(height, width)] = np.where(object_mask(height, width), 3.0, -3.0).astype(np.float32)
+    return _logits_cache[(height, width)]
+
+
+def previous_worker_class() -> type:
+    """EvfWorker with the previous placement: one batch at a time, its jobs completed on the main thread."""
+    from backend.worker import EvfWorker
+
+    class PreviousWorker(EvfWorker):
+        def _run_batches(self, batch: list, others: list) -> None:
+            current = self._start_batch(batch)
+            current.run.predict()
+            outcomes = list(jobs.get_pool(jobs.get_settings()).map(current.run.finish, range(len(batch))))
+            for (job, queue, execution), outcome in zip(batch, outcomes):
+                self._release(job)
+                if isinstance(outcome, BaseException):
+                    self._finalize_failure(job, queue, execution, (type(outcome), outcome, None))
+                else:
+                    self._finalize_success(job, queue, execution, outcome)
+
+    return PreviousWorker
+
+
+def tiny_model_at(sam_size: int) -> Any:
+    """A tiny random EVF-SAM (CPU) whose preprocessing has the official sizes (SAM `sam_size`², BEiT-3 224²)."""
+    from transformers import XLMRobertaTokenizer
+
+    from evf_sam.loading import attach_tokenizer, model_class
+    from evf_sam.testing import TINY_CORPUS, tiny_config, train_tokenizer
+
+    directory = tempfile.mkdtemp(prefix="cpu-feed-tokenizer-")
+    train_tokenizer(directory, TINY_CORPUS, vocab_size=96)
+    config = tiny_config("sam", vocab_size=len(XLMRobertaTokenizer.from_pretrained(directory)))
+    config.sam_config["image_size"] = sam_size
+    model = model_class(config)(config).eval()
+    attach_tokenizer(model, directory)
+    return model
+
+
+def worker_feed(redis_url: str, base_url: str, name: str, threads: int, jobs_per_round: int,
+                rounds: int) -> dict[str, dict[str, float]]:
+    """Per variant ("before", "after"): main-thread CPU ms, whole-process CPU ms and wall ms per job (medians over
+    `rounds` alternating rounds of `jobs_per_round` jobs in batches of 8)."""
+    from redis import Redis
+    from rq import Queue
+    from rq.serializers import JSONSerializer
+    from rq.utils import now
+
+    from backend.model import PREDICT_JOB
+    from backend.queueing import make_queues
+    from backend.settings import Settings, get_settings
+    from backend.worker import EvfWorker
+
+    tag = f"cpu-feed-w-{uuid.uuid4().hex[:8]}"
+    os.environ.update({"MEDIA_ALLOWED_HOSTS": "127.0.0.1", "WORKER_THREADS": str(threads)})
+    get_settings.cache_clear()
+    settings = Settings(REDIS_URL=redis_url, QUEUE_INTERACTIVE=f"{tag}-int", QUEUE_BATCH=f"{tag}-bat",
+                        REDIS_KEY_PREFIX=tag, RESULT_TTL=60)
+    connection = Redis.from_url(redis_url)
+    queues = list(make_queues(settings, connection).values())
+    model = tiny_model_at(1024)
+    runtimes = {variant: jobs.Runtime(predictor=predictor_class(model, cache_size=0, preprocess_device="model"),
+                                      model_name="cpu-feed", fingerprint="0123456789", family="sam", device="cuda",
+                                      dtype="bfloat16", checkpoint="-", preprocess="device")
+                for variant, predictor_class in (("before", PreviousPredictor), ("after", HostOnlyPredictor))}
+    classes = {"before": previous_worker_class(), "after": EvfWorker}
+    payload = {"hostname": None, "prompt_hash": "abc", "options": {"mask_mode": "semantic"},
+               "images": [{"url": f"{base_url}/{name}.jpg", "to_name": "image",
+                           "requests": [{"from_name": "tag", "type": "brushlabels", "label": "Cat",
+                                         "prompt": "a cat"}]}]}
+    original = jobs.get_runtime
+    figures: dict[str, dict[str, list[float]]] = {v: {"main": [], "process": [], "wall": []} for v in runtimes}
+    task_ids = iter(range(10**6))
+
+    def one_round(variant: str, count: int) -> tuple[float, float, float]:
+        jobs.get_runtime = lambda settings=None: runtimes[variant]  # type: ignore[assignment]
+        worker = classes[variant](queues, name=f"{tag}-{variant}", connection=connection,
+                                  serializer=JSONSerializer)
+        worker.batch_jobs, worker.batch_wait = 8, 0.005
+        worker.register_birth()
+        worker.last_cleaned_at = now()  # maintenance is RQ's loop's business, not timed here
+        queues[1].enqueue_many([Queue.prepare_data(PREDICT_JOB, args=({**payload, "task_id": next(task_ids)},),
+                                                   result_ttl=60, timeout=600) for _ in range(count)])
+        finished = queues[1].finished_job_registry
+        before_count = finished.count
+        main, process, wall = time.thread_time(), time.process_time(), time.perf_counter()
+        while finished.count - before_count < count:
+            taken = Queue.dequeue_any(queues, 5, connection=connection, serializer=JSONSerializer)
+            if taken is None:
+                raise RuntimeError(f"{variant}: only {finished.count - before_count} of {count} jobs finished")
+            worker.execute_job(*taken)
+        elapsed = [time.thread_time() - main, time.process_time() - process, time.perf_counter() - wall]
+        worker.register_death()
+        return tuple(value * 1000 / count for value in elapsed)  # type: ignore[return-value]
+
+    try:
+        for variant in runtimes:
+            one_round(variant, 8)  # warm-up: imports, connections, the pool's threads
+        for _ in range(rounds):
+            for variant in runtimes:
+                main, process, wall = one_round(variant, jobs_per_round)
+                figures[variant]["main"].append(main)
+                figures[variant]["process"].append(process)
+                figures[variant]["wall"].append(wall)
+    finally:
+        jobs.get_runtime = original
+        for queue in queues:
+            for registry in (queue.finished_job_registry, queue.failed_job_registry):
+                for job_id in registry.get_job_ids():
+                    connection.delete(f"rq:job:{job_id}", f"rq:results:{job_id}")
+                connection.delete(registry.key)
+            connection.delete(queue.key)
+        connection.close()
+    return {variant: {key: statistics.median(values) for key, values in parts.items()}
+            for variant, parts in figures.items()}
+
+
+def feeding(measured: dict[str, dict[str, float]]) -> list[dict[str, Any]]:
+    """Per variant and target rate: main-thread budget use, worker processes, pool threads and cores needed."""
     rows = []
-    pool_ms = stages["fetch_jpeg"] + stages["decode_jpeg"] + stages["rle"]
-    for model, rate in TARGETS.items():
-        key = "evf_sam" if model == "EVF-SAM" else "evf_sam2"
-        for path, pre in (("CPU preprocessing", stages[f"cpu_pre_{key}"]),
-                          ("GPU preprocessing", stages["gpu_pre_host_official"])):
-            main_ms = stages["hash"] + pre + stages["mask_from_logits"] + stages["redis_batch8"]
-            total = pool_ms + main_ms
-            rows.append({"size": size, "model": model, "rate": rate, "path": path, "pool_ms": pool_ms,
-                         "main_ms": main_ms, "total_ms": total, "cores": total * rate / 1000,
-                         "pool_threads": pool_ms * rate / 1000, "main_budget_ms": 1000 / rate,
-                         "main_fits": main_ms <= 1000 / rate})
+    for variant, figures in measured.items():
+        main, total = figures["main"], figures["process"]
+        for model, rate in TARGETS.items():
+            rows.append({"variant": variant, "model": model, "rate": rate, "main_ms": main, "total_ms": total,
+                         "main_max_img_s": 1000 / main, "processes": int(np.ceil(main * rate / 1000)),
+                         "pool_threads": (total - main) * rate / 1000, "cores": total * rate / 1000})
     return rows
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", default="640x480,1920x1080,4000x3000", help="WxH,WxH,...")
-    parser.add_argument("--seconds", type=float, default=0.5, help="time spent per stage and size (median counts)")
-    parser.add_argument("--redis-url", default=os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0"))
-    parser.add_argument("--rounds", type=int, default=20, help="batches timed for the Redis round trip")
-    parser.add_argument("--skip-redis", action="store_true", help="no Redis here: leave the Redis rows at 0")
-    parser.add_argument("--json", type=Path, help="also write every figure here")
-    args = parser.parse_args()
-    torch.set_num_threads(1)  # per-image cost on one core; the worker's threads add cores, not speed per image
+# --- report --------------------------------------------------------------------------------------------------------
 
-    sizes = [tuple(int(v) for v in size.lower().split("x")) for size in args.sizes.split(",")]
+def stage_figures(args: argparse.Namespace, sizes: list[tuple[int, ...]], directory: Path,
+                  base_url: str) -> tuple[dict[str, dict[str, float]], dict[str, float], tuple[float, float]]:
+    """ms per image of every stage for each size, fetch+decode img/s on 1 and 2 threads, one Redis PING."""
     results: dict[str, dict[str, float]] = {}
     scaling: dict[str, float] = {}
-    with tempfile.TemporaryDirectory() as tmp, http_server(Path(tmp)) as base_url:
-        for width, height in sizes:
-            name = f"{width}x{height}"
-            stages = image_stages(height, width, base_url, Path(tmp), args.seconds)
-            result = {"result": [{"id": "0123456789ab", "from_name": "tag", "to_name": "image", "type": "brushlabels",
-                                  "original_width": width, "original_height": height, "image_rotation": 0,
-                                  "value": {"format": "rle", "rle": rle.encode(object_mask(height, width)),
-                                            "brushlabels": ["Cat"]}, "score": 0.9, "readonly": False}],
-                      "score": 0.9, "model_version": "evf-demo-0123456789-pabcdef"}
-            stages["result_json_bytes"] = float(len(json.dumps(result)))
-            if args.skip_redis:
-                stages.update(dict.fromkeys(("redis_batch1", "redis_batch1_wall", "redis_batch8",
-                                             "redis_batch8_wall"), 0.0))
-            else:
-                stages["redis_batch1"], stages["redis_batch1_wall"] = redis_round_trip(args.redis_url, result, 1,
-                                                                                       args.rounds)
-                stages["redis_batch8"], stages["redis_batch8_wall"] = redis_round_trip(args.redis_url, result, 8,
-                                                                                       max(3, args.rounds // 4))
-            results[name] = stages
-        ping = (0.0, 0.0) if args.skip_redis else redis_ping(args.redis_url, args.seconds)
-        largest = f"{sizes[-1][0]}x{sizes[-1][1]}"
-        for threads in (1, 2):
-            scaling[str(threads)] = prepare_scaling(base_url, largest, threads)
+    for width, height in sizes:
+        name = f"{width}x{height}"
+        stages = image_stages(height, width, base_url, directory, args.seconds)
+        result = {"result": [{"id": "0123456789ab", "from_name": "tag", "to_name": "image", "type": "brushlabels",
+                              "original_width": width, "original_height": height, "image_rotation": 0,
+                              "value": {"format": "rle", "rle": rle.encode(object_mask(height, width)),
+                                        "brushlabels": ["Cat"]}, "score": 0.9, "readonly": False}],
+                  "score": 0.9, "model_version": "evf-demo-0123456789-pabcdef"}
+        stages["result_json_bytes"] = float(len(json.dumps(result)))
+        if args.skip_redis:
+            stages.update(dict.fromkeys(("redis_batch1", "redis_batch1_wall", "redis_batch8",
+                                         "redis_batch8_wall"), 0.0))
+        else:
+            stages["redis_batch1"], stages["redis_batch1_wall"] = redis_round_trip(args.redis_url, result, 1,
+                                                                                   args.rounds)
+            stages["redis_batch8"], stages["redis_batch8_wall"] = redis_round_trip(args.redis_url, result, 8,
+                                                                                   max(3, args.rounds // 4))
+        results[name] = stages
+    ping = (0.0, 0.0) if args.skip_redis else redis_ping(args.redis_url, args.seconds)
+    largest = f"{sizes[-1][0]}x{sizes[-1][1]}"
+    for threads in (1, 2):
+        scaling[str(threads)] = prepare_scaling(base_url, largest, threads)
+    return results, scaling, ping
 
+
+def print_stages(results: dict[str, dict[str, float]], scaling: dict[str, float], ping: tuple[float, float],
+                 sizes: list[tuple[int, ...]], skip_redis: bool) -> None:
+    largest = f"{sizes[-1][0]}x{sizes[-1][1]}"
     print(f"CPU: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}; torch {torch.__version__} on 1 "
           "thread; CPU ms of the calling thread per image (median), wall ms where marked")
     print(f"one Redis PING: {ping[0] * 1000:.0f} us CPU, {ping[1] * 1000:.0f} us wall (scale the Redis rows by this "
@@ -347,9 +512,9 @@ def main() -> int:
               ("resize_1024", "  (of which the uint8 longest-side resize to 1024, PIL)"),
               ("mask_from_logits", "mask from full-size logits (copy + threshold)"),
               ("rle", "brush RLE of a typical mask"),
-              ("redis_batch1", "Redis/RQ per job, batches of 1 (worker CPU)"),
+              ("redis_batch1", "Redis/RQ per job, batches of 1 (worker main thread CPU)"),
               ("redis_batch1_wall", "Redis/RQ per job, batches of 1 (round trip wall)"),
-              ("redis_batch8", "Redis/RQ per job, batches of 8 (worker CPU)"),
+              ("redis_batch8", "Redis/RQ per job, batches of 8 (worker main thread CPU)"),
               ("redis_batch8_wall", "Redis/RQ per job, batches of 8 (round trip wall)")]
     names = list(results)
     print(f"{'stage':<66}" + "".join(f"{name:>12}" for name in names))
@@ -360,23 +525,69 @@ def main() -> int:
     print(f"{'ratio: CPU preprocessing / GPU preprocessing host part (EVF-SAM)':<66}"
           + "".join(f"{results[n]['cpu_pre_evf_sam'] / results[n]['gpu_pre_host_official']:>11.1f}x"
                     for n in names))
-    if not args.skip_redis:
+    if not skip_redis:
         print(f"{'ratio: Redis worker CPU per job, batches of 1 / batches of 8':<66}"
               + "".join(f"{results[n]['redis_batch1'] / results[n]['redis_batch8']:>11.1f}x" for n in names))
     print(f"fetch+decode of {largest} JPEGs: {scaling['1']:.1f} img/s on 1 thread, {scaling['2']:.1f} img/s on 2 "
           f"threads ({scaling['2'] / scaling['1']:.2f}x)")
 
-    rows = [row for name in names for row in report(name, results[name])]
-    print("\nfeeding one GPU (pool = WORKER_THREADS threads: fetch + decode + RLE; main = the worker's main thread: "
-          "hash + preprocessing + mask + Redis, batches of 8)")
-    print(f"{'size':<11}{'model @ img/s':<17}{'preprocessing':<19}{'pool ms':>9}{'main ms':>9}{'cores':>7}"
-          f"{'pool thr.':>10}{'main budget':>13}")
+
+def print_worker(measured: dict[str, dict[str, float]], rows: list[dict[str, Any]], size: str, threads: int) -> None:
+    before, after = measured["before"], measured["after"]
+    print(f"\nthe worker, {size} JPEGs over loopback, one prompt each, batches of 8, WORKER_THREADS={threads}, device "
+          "work left out (ms per job, medians of rounds)")
+    print(f"{'':<44}{'before':>10}{'after':>10}{'ratio':>9}")
+    for key, label in (("main", "main thread CPU"), ("process", "whole worker CPU (all threads)"),
+                       ("wall", "wall (this machine, no GPU)")):
+        print(f"{label:<44}{before[key]:>10.2f}{after[key]:>10.2f}{before[key] / after[key]:>8.1f}x")
+    print(f"{'img/s one main thread can sustain':<44}{1000 / before['main']:>10.0f}{1000 / after['main']:>10.0f}"
+          f"{before['main'] / after['main']:>8.1f}x")
+    print("\nfeeding one GPU: worker processes (main threads), pool threads and cores (all threads) needed")
+    print(f"{'placement':<10}{'model @ img/s':<17}{'main ms':>9}{'max img/s':>11}{'processes':>11}{'pool thr.':>11}"
+          f"{'cores':>8}")
     for row in rows:
-        print(f"{row['size']:<11}{row['model'] + ' @ ' + str(int(row['rate'])):<17}{row['path']:<19}"
-              f"{row['pool_ms']:>9.1f}{row['main_ms']:>9.1f}{row['cores']:>7.1f}{row['pool_threads']:>10.1f}"
-              f"{row['main_budget_ms']:>8.1f} ms {'ok' if row['main_fits'] else 'OVER'}")
+        print(f"{row['variant']:<10}{row['model'] + ' @ ' + str(int(row['rate'])):<17}{row['main_ms']:>9.2f}"
+              f"{row['main_max_img_s']:>11.0f}{row['processes']:>11d}{row['pool_threads']:>11.1f}{row['cores']:>8.1f}")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", default="640x480,1920x1080,4000x3000", help="WxH,WxH,...")
+    parser.add_argument("--seconds", type=float, default=0.5, help="time spent per stage and size (median counts)")
+    parser.add_argument("--redis-url", default=os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0"))
+    parser.add_argument("--rounds", type=int, default=20, help="batches timed for the Redis round trip")
+    parser.add_argument("--skip-redis", action="store_true", help="no Redis here: leave the Redis rows at 0")
+    parser.add_argument("--worker-size", default="1920x1080", help="WxH of the worker measurement's images")
+    parser.add_argument("--worker-threads", type=int, default=4, help="WORKER_THREADS for the worker measurement")
+    parser.add_argument("--worker-jobs", type=int, default=48, help="jobs per round of the worker measurement")
+    parser.add_argument("--worker-rounds", type=int, default=3, help="rounds per variant (before/after)")
+    parser.add_argument("--skip-stages", action="store_true", help="only the worker measurement")
+    parser.add_argument("--json", type=Path, help="also write every figure here")
+    args = parser.parse_args()
+    torch.set_num_threads(1)  # per-image cost on one core; the worker's threads add cores, not speed per image
+
+    sizes = [tuple(int(v) for v in size.lower().split("x")) for size in args.sizes.split(",")]
+    results: dict[str, dict[str, float]] = {}
+    scaling: dict[str, float] = {}
+    ping = (0.0, 0.0)
+    if not args.skip_stages:
+        with tempfile.TemporaryDirectory() as tmp, http_server(Path(tmp)) as base_url:
+            results, scaling, ping = stage_figures(args, sizes, Path(tmp), base_url)
+        print_stages(results, scaling, ping, sizes, args.skip_redis)
+    measured: dict[str, dict[str, float]] = {}
+    rows: list[dict[str, Any]] = []
+    if not args.skip_redis:
+        width, height = (int(v) for v in args.worker_size.lower().split("x"))
+        with tempfile.TemporaryDirectory() as tmp, http_server(Path(tmp)) as base_url:
+            name = f"{width}x{height}"
+            (Path(tmp) / f"{name}.jpg").write_bytes(encoded(photo(height, width), "JPEG"))
+            measured = worker_feed(args.redis_url, base_url, name, args.worker_threads, args.worker_jobs,
+                                   args.worker_rounds)
+        rows = feeding(measured)
+        print_worker(measured, rows, args.worker_size, args.worker_threads)
     if args.json:
-        args.json.write_text(json.dumps({"stages_ms": results, "prepare_img_per_s": scaling, "feeding": rows,
+        args.json.write_text(json.dumps({"stages_ms": results, "prepare_img_per_s": scaling,
+                                         "worker_ms_per_job": measured, "feeding": rows,
                                          "redis_ping_ms": {"cpu": ping[0], "wall": ping[1]},
                                          "load_average": os.getloadavg()[0]}, indent=2))
     return 0

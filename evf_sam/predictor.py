@@ -306,7 +306,10 @@ class EvfPredictor:
         beit_size = self.model.beit_image_size
         beit = TF.resize(beit.float().div(255), [beit_size, beit_size], interpolation=InterpolationMode.BICUBIC,
                          antialias=False)
-        return pixels, TF.normalize(beit, BEIT_MEAN, BEIT_STD)
+        # TF.normalize's arithmetic without its std == 0 check, which would wait for the device on every image.
+        mean = torch.tensor(BEIT_MEAN, device=device).reshape(3, 1, 1)
+        std = torch.tensor(BEIT_STD, device=device).reshape(3, 1, 1)
+        return pixels, beit.sub(mean).div(std)
 
     def _remember(self, key: str, entry: _Encoded) -> None:
         if self.cache_size == 0:
