@@ -1,20 +1,23 @@
 """Training on `ResidentData` (preprocessed tensors already on the GPU): the from-scratch demo-model recipe.
 
-Each step samples expressions uniformly, gathers their images' SAM and BEiT-3 inputs and bit-packed masks from GPU
-tensors and runs the model; nothing else happens on the CPU, so the GPU stays busy (the file-based `evf_sam.train`
-decodes and preprocesses every sample on the CPU). Losses as in `evf_sam.train` (BCE-with-logits + Dice), computed
-in the S x S SAM frame the masks were resized into, plus an optional MSE on the decoder's IoU head against the
-IoU the mask actually reached, so `Prediction.score` means something.
+Each step samples expressions, gathers their images' SAM and BEiT-3 inputs and bit-packed masks from GPU tensors and
+runs the model; nothing else happens on the CPU, so the GPU stays busy (the file-based `evf_sam.train` decodes and
+preprocesses every sample on the CPU). Losses as in `evf_sam.train` (BCE-with-logits + Dice), computed in the S x S
+SAM frame the masks were resized into, plus an optional MSE on the decoder's IoU head against the IoU the mask
+actually reached, so `Prediction.score` means something.
 
-From scratch, the text reaches the mask only through BEiT-3's single [CLS] token, and that grounding signal is
-weak: the decoder first learns to segment "some shape" and the model stalls picking the wrong one (demo run 1 in
-docs/MODELS.md). An auxiliary head (training only, not part of the checkpoint) therefore predicts the target's
-mask from BEiT-3's patch tokens of an intermediate layer, giving the fused encoder a dense grounding loss; the last
-layer's [CLS] can then read the located target.
+From scratch, the text reaches the mask only through BEiT-3's single [CLS] token, and that grounding signal is weak:
+the decoder first learns to segment "some shape" and the model stalls picking the wrong one (docs/MODELS.md).
+`GroundingHeads` (training only, not part of the checkpoint) give the fused encoder dense grounding losses on a
+coarse patch grid: one predicts the target from BEiT-3's patch tokens of an intermediate layer, one from the
+projected prompt token the mask decoder receives (so that token must carry where the target is). With
+`grounding_only` the SAM image encoder and decoder are skipped: a cheap pre-training of BEiT-3 + projector. A
+curriculum can restrict the first steps to some expression kinds (e.g. attributes before spatial relations).
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -29,9 +32,9 @@ from evf_sam.train import dice_loss, lr_factor
 
 @dataclass
 class ResidentRecipe:
-    """Optimiser and loss settings of `train_resident`."""
+    """Optimiser, loss and schedule settings of `train_resident`."""
 
-    steps: int
+    steps: int  # 0: as many as fit `train_resident`'s time limit, the schedule following elapsed time
     batch_size: int = 128
     lr: float = 6e-4
     weight_decay: float = 0.05
@@ -40,8 +43,13 @@ class ResidentRecipe:
     bce_weight: float = 2.0
     dice_weight: float = 1.0
     iou_weight: float = 1.0
-    aux_weight: float = 1.0
+    aux_weight: float = 1.0  # patch grounding from BEiT-3 layer `aux_layer`
     aux_layer: int = -2
+    prompt_grid_weight: float = 0.0  # coarse target mask from the projected prompt token
+    grounding_only: bool = False  # BEiT-3 + projector only (grounding losses), no SAM
+    curriculum: float = 0.0  # fraction of training (steps, or time) on `curriculum_kinds` only
+    curriculum_kinds: tuple[str, ...] = ("attribute", "semantic")
+    compile: bool = False  # torch.compile the SAM image encoder and the BEiT-3 layers (CUDA)
     clip_grad: float = 1.0
     seed: int = 0
     bf16: bool = True
@@ -70,27 +78,30 @@ def tokenize_all(model: Any, texts: list[str], device: torch.device, chunk: int 
     return ids.to(device), attention.to(device)
 
 
-class GroundingHead(torch.nn.Module):
-    """LayerNorm + Linear on BEiT-3 patch tokens -> one target logit per patch (the auxiliary loss; not saved).
+class GroundingHeads(torch.nn.Module):
+    """Training-only heads that predict the target on BEiT-3's g x g patch grid (not saved with the model).
 
-    Captures the image tokens of encoder layer `layer` with a forward hook while attached to `model`."""
+    `patch`: LayerNorm + Linear on each patch token of an encoder layer -> one logit per patch;
+    `prompt`: MLP on the projected prompt token the mask decoder receives -> g*g logits."""
 
-    def __init__(self, model: Any, layer: int) -> None:
+    def __init__(self, model: Any) -> None:
         super().__init__()
         beit3 = model.mm_extractor.beit3
         dim = beit3.text_embed.embedding_dim
+        out_dim = model.text_hidden_fcs[0][-1].out_features
         self.grid = beit3.vision_embed.img_size // beit3.vision_embed.proj.kernel_size[0]
-        self.head = torch.nn.Sequential(torch.nn.LayerNorm(dim), torch.nn.Linear(dim, 1))
-        self.captured: torch.Tensor | None = None
-        self.hook = beit3.encoder.layers[layer].register_forward_hook(self._capture)
+        self.patch = torch.nn.Sequential(torch.nn.LayerNorm(dim), torch.nn.Linear(dim, 1))
+        self.prompt = torch.nn.Sequential(torch.nn.Linear(out_dim, out_dim), torch.nn.GELU(),
+                                          torch.nn.Linear(out_dim, self.grid * self.grid))
 
-    def _capture(self, module: Any, inputs: Any, output: tuple[torch.Tensor, torch.Tensor]) -> None:
-        self.captured = output[0]
+    def patch_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Tokens [T,1+P+L,D] of an encoder layer -> logits [T,g,g]."""
+        patches = hidden[:, 1:1 + self.grid * self.grid]
+        return self.patch(patches).reshape(-1, self.grid, self.grid).float()
 
-    def forward(self) -> torch.Tensor:
-        """Logits [T,g,g] of the last captured forward pass."""
-        patches = self.captured[:, 1:1 + self.grid * self.grid]
-        return self.head(patches).reshape(-1, self.grid, self.grid).float()
+    def prompt_logits(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Prompt tokens [T,1,C] -> logits [T,g,g]."""
+        return self.prompt(tokens[:, 0]).reshape(-1, self.grid, self.grid).float()
 
 
 def grid_targets(data: ResidentData, rows: torch.Tensor, images: torch.Tensor, grid: int) -> torch.Tensor:
@@ -106,89 +117,153 @@ def grid_targets(data: ResidentData, rows: torch.Tensor, images: torch.Tensor, g
     return F.avg_pool2d(F.grid_sample(target, sample, mode="bilinear", align_corners=False), 4)[:, 0]
 
 
+def _grid_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return F.binary_cross_entropy_with_logits(logits, target) + dice_loss(logits, target)
+
+
 def step_losses(model: Any, data: ResidentData, ids: torch.Tensor, attention: torch.Tensor, rows: torch.Tensor,
-                recipe: ResidentRecipe, grounding: GroundingHead | None = None) -> dict[str, torch.Tensor]:
+                recipe: ResidentRecipe, heads: GroundingHeads | None = None) -> dict[str, torch.Tensor]:
     """Forward the expressions `rows` and return their losses (`loss` is the weighted total)."""
     images = data.image_of.index_select(0, rows).long()
     device = rows.device
+    beit3 = model.mm_extractor.beit3
+    weight = model.text_hidden_fcs[0][0].weight
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=recipe.bf16 and device.type == "cuda"):
-        features = model.encode_images(data.sam_pixels(images))
-        tokens = model.encode_prompts(data.beit.index_select(0, images).float(), ids.index_select(0, rows),
-                                      attention.index_select(0, rows))
-        low_res, predicted_iou = model.decode_masks(features, tokens, torch.arange(len(rows), device=device))
-        aux_logits = grounding() if grounding is not None else None
-    size = data.sam_size
-    logits = F.interpolate(low_res.float(), (size, size), mode="bilinear", align_corners=False)[:, 0]
-    target = data.mask_targets(rows)
-    bce = F.binary_cross_entropy_with_logits(logits, target)
-    dice = dice_loss(logits, target)
-    with torch.no_grad():
-        hit = logits > 0
-        truth = target > 0.5
-        union = (hit | truth).flatten(1).sum(1)
-        reached = torch.where(union > 0, (hit & truth).flatten(1).sum(1) / union.clamp(min=1), torch.ones_like(bce))
-    iou = F.mse_loss(predicted_iou.float(), reached)
-    loss = recipe.bce_weight * bce + recipe.dice_weight * dice + recipe.iou_weight * iou
-    losses = {"bce": bce, "dice": dice, "iou_mse": iou, "iou": reached.mean()}
-    if aux_logits is not None:
-        aux_target = grid_targets(data, rows, images, grounding.grid)
-        losses["aux"] = (F.binary_cross_entropy_with_logits(aux_logits, aux_target)
-                         + dice_loss(aux_logits, aux_target))
-        loss = loss + recipe.aux_weight * losses["aux"]
+        out, hidden = beit3.forward_with_hidden(data.beit.index_select(0, images).to(weight.dtype),
+                                                ids.index_select(0, rows), attention.index_select(0, rows),
+                                                layer=recipe.aux_layer if recipe.aux_weight > 0 else None)
+        tokens = model.text_hidden_fcs[0](out[:, :1])
+        patch_logits = heads.patch_logits(hidden) if hidden is not None and heads is not None else None
+        prompt_logits = heads.prompt_logits(tokens) if recipe.prompt_grid_weight > 0 and heads is not None else None
+        if not recipe.grounding_only:
+            features = model.encode_images(data.sam_pixels(images))
+            low_res, predicted_iou = model.decode_masks(features, tokens, torch.arange(len(rows), device=device))
+    losses: dict[str, torch.Tensor] = {}
+    loss = torch.zeros((), device=device)
+    if not recipe.grounding_only:
+        size = data.sam_size
+        logits = F.interpolate(low_res.float(), (size, size), mode="bilinear", align_corners=False)[:, 0]
+        target = data.mask_targets(rows)
+        bce = F.binary_cross_entropy_with_logits(logits, target)
+        dice = dice_loss(logits, target)
+        with torch.no_grad():
+            reached = _iou(logits > 0, target > 0.5)
+        iou = F.mse_loss(predicted_iou.float(), reached)
+        loss = recipe.bce_weight * bce + recipe.dice_weight * dice + recipe.iou_weight * iou
+        losses.update(bce=bce, dice=dice, iou_mse=iou, iou=reached.mean())
+    if patch_logits is not None or prompt_logits is not None:
+        grid_target = grid_targets(data, rows, images, heads.grid)
+        for name, logits, scale in (("aux", patch_logits, recipe.aux_weight),
+                                    ("prompt_grid", prompt_logits, recipe.prompt_grid_weight)):
+            if logits is not None:
+                losses[name] = _grid_loss(logits, grid_target)
+                loss = loss + scale * losses[name]
+                with torch.no_grad():
+                    losses[f"{name}_iou"] = _iou(logits > 0, grid_target > 0.5).mean()
     return {"loss": loss, **losses}
+
+
+def _iou(hit: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
+    """Per-row IoU of boolean maps [T,...] (1 where both are empty)."""
+    union = (hit | truth).flatten(1).sum(1)
+    inter = (hit & truth).flatten(1).sum(1)
+    return torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union, dtype=torch.float32))
+
+
+def _time_factor(elapsed: float, limit: float, step: int, recipe: ResidentRecipe) -> float:
+    """Learning-rate factor of a run that fills `limit` seconds: linear warm-up over `recipe.warmup` steps, then
+    cosine decay to `recipe.min_lr_ratio` by elapsed time."""
+    if step < recipe.warmup:
+        return (step + 1) / recipe.warmup
+    progress = min(1.0, elapsed / limit)
+    return recipe.min_lr_ratio + (1 - recipe.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def _compile(model: Any) -> None:
+    """Compile the SAM image encoder and each BEiT-3 layer for their fixed training shapes (each layer instance and
+    batch size is its own graph, hence the larger cache)."""
+    import torch._dynamo
+
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    model.visual_model.image_encoder.compile(dynamic=False)
+    for layer in model.mm_extractor.beit3.encoder.layers:
+        layer.compile(dynamic=False)
 
 
 def train_resident(model: Any, data: ResidentData, recipe: ResidentRecipe, *,
                    validate: Callable[[Any], dict[str, float]] | None = None, val_every: int = 1000,
                    log_every: int = 50, time_limit_s: float | None = None, progress: bool = True) -> ResidentHistory:
-    """Train every parameter of `model` (on `data`'s device) for `recipe.steps` AdamW steps with warm-up + cosine.
+    """Train `model` (on `data`'s device) for `recipe.steps` AdamW steps with warm-up + cosine: every parameter,
+    or only BEiT-3 + projector with `recipe.grounding_only` (the others get no gradient).
 
     `validate(model)` runs every `val_every` steps and at the end; `time_limit_s` ends early (the schedule is not
-    stretched: a run cut short ends at a higher learning rate). Returns the history; the model is left in eval mode.
+    stretched: a run cut short ends at a higher learning rate) unless `recipe.steps` is 0: then the run fills
+    `time_limit_s` and warm-up, cosine decay and curriculum follow the elapsed time. Returns the history; the model
+    is left in eval mode.
     """
+    if recipe.steps <= 0 and not time_limit_s:
+        raise ValueError("recipe.steps = 0 (fill the time) needs time_limit_s")
     from tqdm.auto import tqdm
 
     device = data.sam.device
     torch.manual_seed(recipe.seed)
     generator = torch.Generator(device=device).manual_seed(recipe.seed)
     ids, attention = tokenize_all(model, data.texts, device)
-    grounding = GroundingHead(model, recipe.aux_layer).to(device) if recipe.aux_weight > 0 else None
+    wants_heads = recipe.aux_weight > 0 or recipe.prompt_grid_weight > 0
+    heads = GroundingHeads(model).to(device) if wants_heads else None
+    if recipe.compile and device.type == "cuda":
+        _compile(model)
     params = [p for p in model.parameters() if p.requires_grad]
-    params += list(grounding.parameters()) if grounding is not None else []
+    params += list(heads.parameters()) if heads is not None else []
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": recipe.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=recipe.lr, betas=(0.9, 0.95),
                                   fused=device.type == "cuda")
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, recipe.warmup, recipe.steps, recipe.min_lr_ratio))
+    everything = torch.arange(len(data), device=device)
+    early = torch.tensor([i for i, kind in enumerate(data.kinds) if kind in recipe.curriculum_kinds],
+                         dtype=torch.long, device=device)
+    if recipe.curriculum and not len(early):
+        raise ValueError(f"no expressions of the curriculum kinds {recipe.curriculum_kinds} in the data")
     history = ResidentHistory()
     totals: dict[str, torch.Tensor] = {}
     started = time.time()
     model.train()
-    bar = tqdm(total=recipe.steps, desc="train", unit="step", disable=not progress, dynamic_ncols=True)
-    step = 0
-    while step < recipe.steps:
-        rows = torch.randint(len(data), (recipe.batch_size,), device=device, generator=generator)
-        losses = step_losses(model, data, ids, attention, rows, recipe, grounding)
+    by_time = recipe.steps <= 0
+    bar = tqdm(total=None if by_time else recipe.steps, desc="train", unit="step", disable=not progress,
+               dynamic_ncols=True)
+    step, progress_done, lr = 0, 0.0, 0.0
+    while progress_done < 1.0:
+        pool = early if progress_done < recipe.curriculum else everything
+        rows = pool[torch.randint(len(pool), (recipe.batch_size,), device=device, generator=generator)]
+        if by_time:
+            lr = recipe.lr * _time_factor(time.time() - started, time_limit_s, step, recipe)
+        else:
+            lr = recipe.lr * lr_factor(step, recipe.warmup, recipe.steps, recipe.min_lr_ratio)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        losses = step_losses(model, data, ids, attention, rows, recipe, heads)
         losses["loss"].backward()
         torch.nn.utils.clip_grad_norm_(params, recipe.clip_grad)
         optimizer.step()
-        scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
         bar.update(1)
+        elapsed = time.time() - started
+        progress_done = elapsed / time_limit_s if by_time else step / recipe.steps
+        out_of_time = not by_time and time_limit_s is not None and elapsed > time_limit_s
+        finished = progress_done >= 1.0 or out_of_time
         for key, value in losses.items():
             totals[key] = totals.get(key, 0) + value.detach()
-        out_of_time = time_limit_s is not None and time.time() - started > time_limit_s
-        if step % log_every == 0 or step == recipe.steps or out_of_time:
+        if step % log_every == 0 or finished:
             count = step - (history.train[-1]["step"] if history.train else 0)
-            entry = {"step": step, "lr": scheduler.get_last_lr()[0], "elapsed_s": time.time() - started,
+            entry = {"step": step, "lr": lr, "elapsed_s": time.time() - started,
                      **{k: float(v) / count for k, v in totals.items()}}
             history.train.append(entry)
-            bar.set_postfix(loss=f"{entry['loss']:.4f}", iou=f"{entry['iou']:.3f}")
+            shown = ("loss", "iou", "aux_iou", "prompt_grid_iou")
+            bar.set_postfix({k: f"{entry[k]:.3f}" for k in shown if k in entry})
             totals = {}
-        if validate is not None and (step % val_every == 0 or step == recipe.steps or out_of_time):
+        if validate is not None and (step % val_every == 0 or finished):
             model.eval()
             history.val.append({"step": step, "elapsed_s": time.time() - started, **validate(model)})
             model.train()
@@ -196,7 +271,5 @@ def train_resident(model: Any, data: ResidentData, recipe: ResidentRecipe, *,
         if out_of_time:
             break
     bar.close()
-    if grounding is not None:
-        grounding.hook.remove()
     model.eval()
     return history

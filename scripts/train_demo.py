@@ -49,7 +49,15 @@ def generate_eval_data(work: Path, val_images: int, heldout_images: int) -> tupl
     return work / "val", work / "heldout"
 
 
-def build_initial_checkpoint(directory: Path) -> Path:
+def architecture(beit_layers: int, sam_depth: int) -> tuple[dict, dict]:
+    """BEiT-3 and SAM settings of the demo model with `beit_layers` fusion layers and a `sam_depth`-block ViT
+    (global attention in the middle and last blocks, windows elsewhere)."""
+    sam = {**SAM, "depth": sam_depth, "global_attn_indexes": sorted({sam_depth // 2 - 1, sam_depth - 1})}
+    return {**BEIT3, "layers": beit_layers}, sam
+
+
+def build_initial_checkpoint(directory: Path, beit_layers: int = BEIT3["layers"],
+                             sam_depth: int = SAM["depth"]) -> Path:
     """Tokenizer trained on the generator's corpus + a randomly initialised small EvfSamModel, saved to `directory`."""
     from transformers import XLMRobertaTokenizer
 
@@ -61,19 +69,37 @@ def build_initial_checkpoint(directory: Path) -> Path:
 
     train_tokenizer(directory, text_corpus(20000, seed=0), vocab_size=TOKENIZER_VOCAB)
     rows = len(XLMRobertaTokenizer.from_pretrained(str(directory)))
-    config = EvfConfig(architectures=["EvfSamModel"], hidden_size=BEIT3["embed_dim"], out_dim=SAM["prompt_dim"],
-                       mm_extractor_scale="base", sam_scale="huge", beit3_config={**BEIT3, "vocab_size": rows},
-                       sam_config=dict(SAM))
+    beit3, sam = architecture(beit_layers, sam_depth)
+    config = EvfConfig(architectures=["EvfSamModel"], hidden_size=beit3["embed_dim"], out_dim=sam["prompt_dim"],
+                       mm_extractor_scale="base", sam_scale="huge", beit3_config={**beit3, "vocab_size": rows},
+                       sam_config=sam)
     torch.manual_seed(MODEL_SEED)
     model = EvfSamModel(config).eval()
     attach_tokenizer(model, directory)
     return save_checkpoint(model, directory)
 
 
+def load_training_data(args: argparse.Namespace, model: torch.nn.Module, device: torch.device):
+    """The stage's training images in GPU memory: rendered now, or read from `--data-cache` when a run with the
+    same arguments wrote it (concurrent runs on one GPU share one rendering)."""
+    from evf_sam.data.resident import ResidentData, build_synthetic
+
+    cache = Path(args.data_cache) if args.data_cache else None
+    if cache is not None and cache.is_file():
+        return ResidentData.load(cache).to(device)
+    data = build_synthetic(TRAIN_SEED + 1000 * args.stage, "train", args.train_images, model.sam_image_size,
+                           model.beit_image_size, workers=args.workers, progress=not args.no_progress)
+    if cache is not None:
+        partial = cache.with_suffix(".partial")
+        data.save(partial)
+        partial.rename(cache)
+    return data.to(device)
+
+
 def run_training(args: argparse.Namespace) -> int:
     import evf_sam
+    from evf_sam.acceleration import accelerate
     from evf_sam.data.layout import LayoutDataset
-    from evf_sam.data.resident import build_synthetic
     from evf_sam.evaluate import evaluate
     from evf_sam.loading import save_checkpoint
     from evf_sam.metrics import to_markdown
@@ -87,22 +113,36 @@ def run_training(args: argparse.Namespace) -> int:
     work.mkdir(parents=True)
     device = torch.device(args.device)
     val_root, heldout_root = generate_eval_data(work, args.val_images, args.heldout_images)
-    init = Path(args.init_from) if args.init_from else build_initial_checkpoint(work / "init")
+    init = (Path(args.init_from) if args.init_from
+            else build_initial_checkpoint(work / "init", args.beit_layers, args.sam_depth))
     model = evf_sam.load_model(init, device=device, dtype=torch.float32)
-    data = build_synthetic(TRAIN_SEED + 1000 * args.stage, "train", args.train_images, model.sam_image_size,
-                           model.beit_image_size, workers=args.workers, progress=not args.no_progress).to(device)
+    if device.type == "cuda":
+        accelerate(model, fused_attention=True)
+    data = load_training_data(args, model, device)
     prepared = time.time() - started
-    print(f"data ready in {prepared:.0f} s: {args.train_images} images, {len(data)} expressions", flush=True)
+    print(f"data ready in {prepared:.0f} s: {len(data.sam)} images, {len(data)} expressions", flush=True)
+
+    phases = {}
+    if args.pretrain_steps or args.pretrain_time:
+        pretrain = ResidentRecipe(steps=args.pretrain_steps, batch_size=args.pretrain_batch_size,
+                                  lr=args.pretrain_lr, warmup=args.pretrain_warmup, grounding_only=True,
+                                  aux_weight=1.0, prompt_grid_weight=1.0, curriculum=args.curriculum,
+                                  compile=args.compile, seed=TRAIN_SEED)
+        phases["pretrain"] = train_resident(model, data, pretrain, progress=not args.no_progress,
+                                            time_limit_s=None if args.pretrain_steps else args.pretrain_time)
+        print(f"grounding pre-training: {phases['pretrain'].train[-1]}", flush=True)
     recipe = ResidentRecipe(steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup,
-                            aux_weight=args.aux_weight, seed=TRAIN_SEED)
+                            aux_weight=args.aux_weight, prompt_grid_weight=args.prompt_grid_weight,
+                            curriculum=0.0 if phases else args.curriculum, compile=args.compile,
+                            seed=TRAIN_SEED)
     if args.time_budget:
-        recipe.steps = _steps_for_budget(model, data, recipe, args.time_budget)
-        print(f"time budget {args.time_budget:.0f} s -> {recipe.steps} steps", flush=True)
+        recipe.steps = 0
+        print(f"time budget {args.time_budget:.0f} s: as many steps as fit, schedule by elapsed time", flush=True)
     val_set = LayoutDataset(val_root, "val")
     train_started = time.time()
     history = train_resident(model, data, recipe, validate=lambda m: validate(m, val_set, "val", 32),
                              val_every=args.val_every, progress=not args.no_progress,
-                             time_limit_s=args.time_budget * 1.1 if args.time_budget else None)
+                             time_limit_s=args.time_budget)
     train_seconds = time.time() - train_started
     steps = history.train[-1]["step"]
     out = Path(args.out)
@@ -110,17 +150,18 @@ def run_training(args: argparse.Namespace) -> int:
     save_checkpoint(model.to(torch.float16), out)
     (out / HISTORY_FILE).write_text(json.dumps(history.as_dict(), indent=1))
     plot_curves(history.as_dict(), out / CURVES_FILE)
+    if phases:
+        (out / "pretrain_history.json").write_text(json.dumps(phases["pretrain"].as_dict(), indent=1))
     heldout = evaluate(out, heldout_root, split="test", device=args.device, images_per_batch=32, progress=False)
-    metrics = {"heldout": heldout["splits"]["test"], "val": {k: history.val[-1][k] for k in ("ciou", "giou")},
-               "steps": steps, "batch_size": args.batch_size, "train_images": args.train_images,
-               "train_expressions": len(data), "device": args.device,
+    pretrain_steps = phases["pretrain"].train[-1]["step"] if phases else 0
+    metrics = {"heldout": heldout["splits"]["test"], "heldout_per_kind": per_kind(out, heldout_root, args.device),
+               "val": {k: history.val[-1][k] for k in ("ciou", "giou")},
+               "steps": steps, "pretrain_steps": pretrain_steps, "batch_size": args.batch_size,
+               "train_images": args.train_images, "train_expressions": len(data), "device": args.device,
                "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
                "data_seconds": round(prepared, 1), "train_seconds": round(train_seconds, 1),
                "wall_seconds": round(time.time() - started, 1),
-               "reproduce": f"python scripts/train_demo.py train --steps {steps} --batch-size {args.batch_size} "
-                            f"--train-images {args.train_images} --lr {args.lr} --warmup {args.warmup} "
-                            f"--aux-weight {args.aux_weight}"
-                            + (f" --stage {args.stage} --init-from {args.init_from}" if args.init_from else ""),
+               "reproduce": "python scripts/train_demo.py train " + " ".join(_reproduce(args, steps, pretrain_steps)),
                "seeds": {"train": TRAIN_SEED + 1000 * args.stage, "heldout": HELDOUT_SEED, "model": MODEL_SEED},
                "parameters": sum(p.numel() for p in model.parameters())}
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
@@ -129,24 +170,39 @@ def run_training(args: argparse.Namespace) -> int:
     return 0
 
 
-def _steps_for_budget(model: torch.nn.Module, data, recipe, budget: float) -> int:
-    """Time 30 steps of the recipe on a copy of the model and return the step count that fits `budget` seconds
-    (with room for the periodic validations). Used to fill a GPU slot; the count is recorded in metrics.json."""
-    import copy
+def _reproduce(args: argparse.Namespace, steps: int, pretrain_steps: int) -> list[str]:
+    """The command-line arguments that repeat this run with its step counts fixed."""
+    parts = [f"--steps {steps}", f"--batch-size {args.batch_size}", f"--train-images {args.train_images}",
+             f"--lr {args.lr}", f"--warmup {args.warmup}", f"--aux-weight {args.aux_weight}",
+             f"--prompt-grid-weight {args.prompt_grid_weight}"]
+    if pretrain_steps:
+        parts += [f"--pretrain-steps {pretrain_steps}", f"--pretrain-batch-size {args.pretrain_batch_size}",
+                  f"--pretrain-lr {args.pretrain_lr}", f"--pretrain-warmup {args.pretrain_warmup}"]
+    if args.curriculum:
+        parts.append(f"--curriculum {args.curriculum}")
+    if args.init_from:
+        parts += [f"--stage {args.stage}", f"--init-from {args.init_from}"]
+    else:
+        parts += [f"--beit-layers {args.beit_layers}", f"--sam-depth {args.sam_depth}"]
+    return parts
 
-    from evf_sam.train_resident import ResidentRecipe, train_resident
 
-    probe = ResidentRecipe(**{**recipe.__dict__, "steps": 40, "warmup": 40})
-    history = train_resident(copy.deepcopy(model), data, probe, log_every=10, progress=False)
-    seconds_per_step = (history.train[-1]["elapsed_s"] - history.train[0]["elapsed_s"]) / 30
-    print(f"calibration: {seconds_per_step * 1000:.1f} ms/step", flush=True)
-    return max(100, int(0.93 * budget / seconds_per_step) // 100 * 100)
-
-
-def _load(path: Path) -> torch.nn.Module:
+def per_kind(checkpoint: Path, heldout_root: Path, device: str) -> dict[str, dict[str, float]]:
+    """Held-out cIoU/gIoU per expression kind (attribute, position, superlative, relation, semantic)."""
     import evf_sam
+    from evf_sam.data.layout import LayoutDataset
+    from evf_sam.evaluate import evaluate_dataset
 
-    return evf_sam.load_model(path)
+    predictor = evf_sam.EvfPredictor(evf_sam.load_model(checkpoint, device=device), cache_size=0,
+                                     max_image_batch=32)
+    dataset = LayoutDataset(heldout_root, "test")
+    records = dataset.records
+    results = {}
+    for kind in sorted({"semantic" if r.semantic else r.extra.get("kind", "?") for r in records}):
+        dataset.records = [r for r in records if ("semantic" if r.semantic else r.extra.get("kind", "?")) == kind]
+        scores = evaluate_dataset(predictor, dataset, kind, images_per_batch=32).results()[kind]
+        results[kind] = {"ciou": scores["ciou"], "giou": scores["giou"], "pairs": scores["pairs"]}
+    return results
 
 
 def _readme(metrics: dict, table: str) -> str:
@@ -204,12 +260,32 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--workers", type=int, default=None, help="rendering processes (default: CPU count - 1)")
     t.add_argument("--steps", type=int, default=8000, help="optimizer steps (see --time-budget)")
     t.add_argument("--time-budget", type=float, default=None,
-                   help="instead of --steps: time a few steps, then pick the step count that fits this many seconds")
+                   help="instead of --steps: train for this many seconds, the schedule following elapsed time "
+                        "(the step count reached is recorded in metrics.json)")
     t.add_argument("--batch-size", type=int, default=128, help="expressions per step")
     t.add_argument("--lr", type=float, default=6e-4, help="peak learning rate")
     t.add_argument("--warmup", type=int, default=500, help="linear warm-up steps")
     t.add_argument("--aux-weight", type=float, default=1.0,
                    help="weight of the auxiliary BEiT-3 grounding loss (0 = off; see evf_sam.train_resident)")
+    t.add_argument("--prompt-grid-weight", type=float, default=0.0,
+                   help="weight of the auxiliary loss predicting the target's coarse mask from the prompt token")
+    t.add_argument("--curriculum", type=float, default=0.0,
+                   help="fraction of training (of pre-training when there is one) on attribute and 'all the ...' "
+                        "expressions only, before position/superlative/relation ones")
+    t.add_argument("--pretrain-steps", type=int, default=0,
+                   help="grounding pre-training of BEiT-3 + projector alone (no SAM) before the joint phase")
+    t.add_argument("--pretrain-time", type=float, default=None,
+                   help="instead of --pretrain-steps: seconds of grounding pre-training (steps picked by timing)")
+    t.add_argument("--pretrain-batch-size", type=int, default=512)
+    t.add_argument("--pretrain-lr", type=float, default=1e-3)
+    t.add_argument("--pretrain-warmup", type=int, default=300)
+    t.add_argument("--beit-layers", type=int, default=BEIT3["layers"],
+                   help="BEiT-3 layers of a fresh model (ignored with --init-from)")
+    t.add_argument("--sam-depth", type=int, default=SAM["depth"],
+                   help="SAM ViT blocks of a fresh model (ignored with --init-from)")
+    t.add_argument("--compile", action="store_true", help="torch.compile the image encoder and BEiT-3 layers")
+    t.add_argument("--data-cache", default=None,
+                   help="file for the rendered training data: read when present, else written (shared by runs)")
     t.add_argument("--val-every", type=int, default=1000, help="validate every N steps")
     t.add_argument("--init-from", default=None,
                    help="continue from this checkpoint (a later stage) instead of a random initialisation")

@@ -8,7 +8,7 @@ preprocessing (`evf_sam.transforms`), and keeps:
 - `shapes` int16 [N,2]: (h', w') of the resized content inside the frame;
 - `beit`   float16 [N,3,B,B]: the normalised BEiT-3 input;
 - `masks`  uint8 [M,S,S/8]: each expression's ground truth resized like its image (bilinear, > 0.5), bit-packed;
-- `image_of` int32 [M] and `texts` (M strings).
+- `image_of` int32 [M], `texts` and `kinds` (M strings; the query kind of each expression, "semantic" for unions).
 
 About 0.55 MB per image with 4 expressions at S=256, so 40,000 images fit in host and GPU memory.
 """
@@ -38,6 +38,7 @@ class ResidentData:
     masks: torch.Tensor
     image_of: torch.Tensor
     texts: list[str]
+    kinds: list[str]
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -49,7 +50,7 @@ class ResidentData:
     def to(self, device: torch.device | str) -> ResidentData:
         """The same data with every tensor on `device`."""
         return ResidentData(self.sam.to(device), self.shapes.to(device), self.beit.to(device), self.masks.to(device),
-                            self.image_of.to(device), self.texts)
+                            self.image_of.to(device), self.texts, self.kinds)
 
     def sam_pixels(self, images: torch.Tensor) -> torch.Tensor:
         """Normalised SAM inputs float32 [B,3,S,S] of image rows `images`, padding exactly zero as in `sam_input`."""
@@ -84,7 +85,7 @@ def _render(job: tuple[int, str, int, int, int, int, int, int]) -> dict[str, Any
 
     seed, split, start, stop, sam_size, beit_size, max_side, expressions = job
     torch.set_num_threads(1)
-    sam, shapes, beit, masks, image_of, texts = [], [], [], [], [], []
+    sam, shapes, beit, masks, image_of, texts, kinds = [], [], [], [], [], [], []
     for index in range(start, stop):
         scene, chosen = make_example(seed, split, index, expressions=expressions, max_side=max_side)
         encoded = io.BytesIO()
@@ -106,8 +107,10 @@ def _render(job: tuple[int, str, int, int, int, int, int, int]) -> dict[str, Any
             masks.append(np.packbits(full, axis=1))
             image_of.append(row)
             texts.append(item["text"])
+            kinds.append("semantic" if item["semantic"] else item["query"]["kind"])
     return {"sam": np.stack(sam), "shapes": np.array(shapes, np.int16), "beit": np.stack(beit),
-            "masks": np.stack(masks), "image_of": np.array(image_of, np.int32), "texts": texts}
+            "masks": np.stack(masks), "image_of": np.array(image_of, np.int32), "texts": texts,
+            "kinds": kinds}
 
 
 def build_synthetic(seed: int, split: str, n_images: int, sam_size: int, beit_size: int = 224, *,
@@ -136,4 +139,4 @@ def build_synthetic(seed: int, split: str, n_images: int, sam_size: int, beit_si
         beit=torch.from_numpy(np.concatenate([p["beit"] for p in parts])),
         masks=torch.from_numpy(np.concatenate([p["masks"] for p in parts])),
         image_of=torch.from_numpy(np.concatenate([p["image_of"] + o for p, o in zip(parts, offsets)])),
-        texts=[t for p in parts for t in p["texts"]])
+        texts=[t for p in parts for t in p["texts"]], kinds=[k for p in parts for k in p["kinds"]])

@@ -153,6 +153,13 @@ class BEiT3(nn.Module):
 
     def forward(self, pixels: torch.Tensor, input_ids: torch.Tensor,
                 attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.forward_with_hidden(pixels, input_ids, attention_mask)[0]
+
+    def forward_with_hidden(self, pixels: torch.Tensor, input_ids: torch.Tensor,
+                            attention_mask: torch.Tensor | None = None,
+                            layer: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`forward`'s output and the tokens [B, 1+P+L, D] leaving encoder layer `layer` (before the final
+        LayerNorm; None when `layer` is None); training uses them for auxiliary losses."""
         image = self.vision_embed(pixels)
         text = self.text_embed(input_ids)
         if text.shape[1] > self.max_text_tokens:
@@ -166,6 +173,11 @@ class BEiT3(nn.Module):
             real = attention_mask.to(torch.bool)
             text = text * real.unsqueeze(-1).to(text.dtype)  # padded positions start as zeros
             keep = torch.cat([real.new_ones(real.shape[0], image.shape[1]), real], dim=1)[:, None, None, :]
-        for layer in self.encoder.layers:
-            image, text = layer(image, text, keep)
-        return torch.cat(self.encoder.layer_norm(image, text), dim=1)
+        layers = self.encoder.layers
+        wanted = None if layer is None else layer % len(layers)
+        hidden = None
+        for index, block in enumerate(layers):
+            image, text = block(image, text, keep)
+            if index == wanted:
+                hidden = torch.cat([image, text], dim=1)
+        return torch.cat(self.encoder.layer_norm(image, text), dim=1), hidden
