@@ -100,7 +100,6 @@ def run_training(args: argparse.Namespace) -> int:
     import evf_sam
     from evf_sam.acceleration import accelerate
     from evf_sam.data.layout import LayoutDataset
-    from evf_sam.evaluate import evaluate
     from evf_sam.loading import save_checkpoint
     from evf_sam.metrics import to_markdown
     from evf_sam.train import CURVES_FILE, HISTORY_FILE, plot_curves, validate
@@ -152,9 +151,9 @@ def run_training(args: argparse.Namespace) -> int:
     plot_curves(history.as_dict(), out / CURVES_FILE)
     if phases:
         (out / "pretrain_history.json").write_text(json.dumps(phases["pretrain"].as_dict(), indent=1))
-    heldout = evaluate(out, heldout_root, split="test", device=args.device, images_per_batch=32, progress=False)
+    heldout, kinds = heldout_scores(out, heldout_root, args.device)
     pretrain_steps = phases["pretrain"].train[-1]["step"] if phases else 0
-    metrics = {"heldout": heldout["splits"]["test"], "heldout_per_kind": per_kind(out, heldout_root, args.device),
+    metrics = {"heldout": heldout, "heldout_per_kind": kinds,
                "val": {k: history.val[-1][k] for k in ("ciou", "giou")},
                "steps": steps, "pretrain_steps": pretrain_steps, "batch_size": args.batch_size,
                "train_images": args.train_images, "train_expressions": len(data), "device": args.device,
@@ -187,22 +186,30 @@ def _reproduce(args: argparse.Namespace, steps: int, pretrain_steps: int) -> lis
     return parts
 
 
-def per_kind(checkpoint: Path, heldout_root: Path, device: str) -> dict[str, dict[str, float]]:
-    """Held-out cIoU/gIoU per expression kind (attribute, position, superlative, relation, semantic)."""
+def heldout_scores(checkpoint: Path, heldout_root: Path, device: str) -> tuple[dict, dict[str, dict]]:
+    """Held-out cIoU/gIoU overall and per expression kind (attribute, position, superlative, relation, semantic),
+    from one prediction of every pair."""
     import evf_sam
     from evf_sam.data.layout import LayoutDataset
     from evf_sam.evaluate import evaluate_dataset
+    from evf_sam.metrics import SplitMetrics
 
     predictor = evf_sam.EvfPredictor(evf_sam.load_model(checkpoint, device=device), cache_size=0,
                                      max_image_batch=32)
     dataset = LayoutDataset(heldout_root, "test")
-    records = dataset.records
-    results = {}
-    for kind in sorted({"semantic" if r.semantic else r.extra.get("kind", "?") for r in records}):
-        dataset.records = [r for r in records if ("semantic" if r.semantic else r.extra.get("kind", "?")) == kind]
-        scores = evaluate_dataset(predictor, dataset, kind, images_per_batch=32).results()[kind]
-        results[kind] = {"ciou": scores["ciou"], "giou": scores["giou"], "pairs": scores["pairs"]}
-    return results
+    records, metrics = dataset.records, SplitMetrics()
+    for kind in sorted({_kind(r) for r in records}):
+        dataset.records = [r for r in records if _kind(r) == kind]
+        evaluate_dataset(predictor, dataset, kind, metrics, images_per_batch=32)
+    kinds = metrics.results()
+    pairs = sum(k["pairs"] for k in kinds.values())
+    overall = {"ciou": sum(k["intersection"] for k in kinds.values()) / sum(k["union"] for k in kinds.values()),
+               "giou": sum(k["giou"] * k["pairs"] for k in kinds.values()) / pairs, "pairs": pairs}
+    return overall, {name: {key: k[key] for key in ("ciou", "giou", "pairs")} for name, k in kinds.items()}
+
+
+def _kind(record) -> str:
+    return "semantic" if record.semantic else record.extra.get("kind", "?")
 
 
 def _readme(metrics: dict, table: str) -> str:
