@@ -18,6 +18,18 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 DEMO_CHECKPOINT = "models/evf-demo"
 LS_PREDICT_TIMEOUT = 100.0  # Label Studio's ML_TIMEOUT_PREDICT; our deadline must stay below it
 
+# Training from corrections: the recipe's value types (shared by Settings and the per-run overrides of
+# backend.corrections.train.TrainingRecipe). Part names are those of evf_sam.train.PARTS.
+TrainablePart = Literal["projector", "beit3", "mask_decoder", "prompt_encoder", "image_encoder"]
+TrainSteps = Annotated[int, Field(ge=1, le=1_000_000)]
+TrainEpochs = Annotated[int, Field(ge=0, le=10_000)]
+TrainLr = Annotated[float, Field(gt=0, le=0.1)]
+TrainBatchSize = Annotated[int, Field(ge=1, le=4096)]
+TrainWarmup = Annotated[float, Field(ge=0, le=0.5)]
+TrainParts = Annotated[list[TrainablePart], NoDecode]
+Holdout = Annotated[float, Field(gt=0, lt=1)]
+MinRecords = Annotated[int, Field(ge=2)]
+
 
 class Settings(BaseSettings):
     """Backend configuration from the environment (names in capitals, e.g. `REDIS_URL`)."""
@@ -155,6 +167,29 @@ class Settings(BaseSettings):
     checkpoints_dir: Path = Field(Path("checkpoints"), validation_alias="CHECKPOINTS_DIR",
                                   description="Where checkpoints fine-tuned on the corrections and the training "
                                               "decisions (training.json) are written.")
+    corrections_train_steps: TrainSteps = Field(
+        200, validation_alias="CORRECTIONS_TRAIN_STEPS",
+        description="Optimizer steps of a training run from corrections (unless CORRECTIONS_TRAIN_EPOCHS is set).")
+    corrections_train_epochs: TrainEpochs = Field(
+        0, validation_alias="CORRECTIONS_TRAIN_EPOCHS",
+        description="When > 0: passes over the training corrections instead of CORRECTIONS_TRAIN_STEPS.")
+    corrections_train_lr: TrainLr = Field(1e-4, validation_alias="CORRECTIONS_TRAIN_LR",
+                                          description="Peak learning rate (AdamW, warm-up then cosine decay).")
+    corrections_train_batch_size: TrainBatchSize = Field(8, validation_alias="CORRECTIONS_TRAIN_BATCH_SIZE",
+                                                         description="Prompts per optimizer step.")
+    corrections_train_warmup: TrainWarmup = Field(
+        0.1, validation_alias="CORRECTIONS_TRAIN_WARMUP",
+        description="Linear warm-up as a fraction of the run's steps (0 to 0.5).")
+    corrections_train_parts: TrainParts = Field(
+        default_factory=list, validation_alias="CORRECTIONS_TRAIN_PARTS",
+        description="Comma-separated trainable parts among projector, beit3, mask_decoder, prompt_encoder, "
+                    "image_encoder; unset: the paper's recipe (SAM-1: projector,beit3,mask_decoder; SAM-2: "
+                    "projector,beit3; the image encoder stays frozen).")
+    corrections_holdout: Holdout = Field(
+        0.2, validation_alias="CORRECTIONS_HOLDOUT",
+        description="Share of corrected images held out (by image hash) to compare the models before promotion.")
+    corrections_min_records: MinRecords = Field(
+        8, validation_alias="CORRECTIONS_MIN_RECORDS", description="Training refuses to run on fewer corrections.")
 
     @field_validator("label_studio_url")
     @classmethod
@@ -165,11 +200,11 @@ class Settings(BaseSettings):
             raise ValueError("LABEL_STUDIO_URL must start with http:// or https://")
         return value.rstrip("/")
 
-    @field_validator("media_allowed_hosts", mode="before")
+    @field_validator("media_allowed_hosts", "corrections_train_parts", mode="before")
     @classmethod
-    def _split_hosts(cls, value: object) -> object:
+    def _split_list(cls, value: object) -> object:
         if isinstance(value, str):
-            return [host.strip() for host in value.split(",") if host.strip()]
+            return [item.strip() for item in value.split(",") if item.strip()]
         return value
 
     @field_validator("redis_url", "label_studio_api_key", "basic_auth_pass", "webhook_secret", mode="before")

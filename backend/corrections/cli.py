@@ -30,9 +30,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                            "promoted checkpoint is also published in Redis (<prefix>:active_checkpoint)"
                                            "; workers and the embedded server switch to it before their next job.")
     train.add_argument("--dir", help="corrections dataset (default: CORRECTIONS_DIR)")
-    train.add_argument("--steps", type=int, default=200, help="training steps (default 200)")
-    train.add_argument("--holdout", type=float, default=0.2, help="held-out share (default 0.2)")
-    train.add_argument("--min-records", type=int, default=8, help="refuse to train on fewer records (default 8)")
+    length = train.add_mutually_exclusive_group()
+    length.add_argument("--steps", type=int, help="optimizer steps (default: CORRECTIONS_TRAIN_STEPS, 200)")
+    length.add_argument("--epochs", type=int,
+                        help="passes over the training corrections instead of a step count "
+                             "(default: CORRECTIONS_TRAIN_EPOCHS; 0 = use the steps)")
+    train.add_argument("--lr", type=float, help="peak learning rate (default: CORRECTIONS_TRAIN_LR, 1e-4)")
+    train.add_argument("--batch-size", type=int, help="prompts per step (default: CORRECTIONS_TRAIN_BATCH_SIZE, 8)")
+    train.add_argument("--warmup", type=float,
+                       help="warm-up share of the steps, 0-0.5 (default: CORRECTIONS_TRAIN_WARMUP, 0.1)")
+    train.add_argument("--train", dest="parts", metavar="PARTS",
+                       help="comma-separated trainable parts among projector, beit3, mask_decoder, prompt_encoder, "
+                            "image_encoder (default: CORRECTIONS_TRAIN_PARTS, else the family's paper recipe)")
+    train.add_argument("--holdout", type=float, help="held-out share of images (default: CORRECTIONS_HOLDOUT, 0.2)")
+    train.add_argument("--min-records", type=int,
+                       help="refuse to train on fewer records (default: CORRECTIONS_MIN_RECORDS, 8)")
 
 
 def run_cli(args: argparse.Namespace, settings: Settings) -> int:
@@ -51,9 +63,10 @@ def run_cli(args: argparse.Namespace, settings: Settings) -> int:
             from backend.queueing import redis_connection
 
             redis = redis_connection(settings)
-        decision: dict[str, Any] = train_from_corrections(settings, corrections_dir=args.dir, steps=args.steps,
-                                                          holdout=args.holdout, min_records=args.min_records,
-                                                          redis=redis)
+        decision: dict[str, Any] = train_from_corrections(
+            settings, corrections_dir=args.dir, redis=redis, steps=args.steps, epochs=args.epochs, lr=args.lr,
+            batch_size=args.batch_size, warmup=args.warmup, parts=args.parts, holdout=args.holdout,
+            min_records=args.min_records)
         print(json.dumps(decision, indent=2))
         return 0
     except BackendError as error:

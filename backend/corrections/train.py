@@ -6,7 +6,9 @@
    held-out slice: an image goes to `val` when the hash of its content hash falls below `holdout` (all regions of an
    image stay on one side). `deleted` records (empty masks of removed regions) are left out of training;
 2. evaluate the active checkpoint on the held-out slice (cIoU / gIoU through the predictor, `evf_sam.evaluate`);
-3. fine-tune it with `evf_sam.train.train` into `CHECKPOINTS_DIR/<name>`;
+3. fine-tune it with `evf_sam.train.train` into `CHECKPOINTS_DIR/<name>` with the `TrainingRecipe` of the settings
+   (CORRECTIONS_TRAIN_*: steps or epochs, learning rate, batch size, warm-up share, trainable parts), each value
+   overridable per run (CLI flags, the START_TRAINING event's `extra_params`);
 4. evaluate the new checkpoint the same way; promote it only when gIoU improves (ties keep the old one);
 5. record the decision and both numbers in `CHECKPOINTS_DIR/training.json` (`/health` shows it) and, when promoted,
    publish the new checkpoint path in Redis (`<prefix>:active_checkpoint`, read by `promoted_checkpoint`). Workers
@@ -30,9 +32,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel, ConfigDict, ValidationError
+
 from backend.corrections.capture import CorrectionsStore
 from backend.errors import BackendError, BadRequest
-from backend.settings import Settings, get_settings
+from backend.settings import (Holdout, MinRecords, Settings, TrainBatchSize, TrainEpochs, TrainLr, TrainParts,
+                              TrainSteps, TrainWarmup, get_settings)
 from evf_sam.data import layout
 
 log = logging.getLogger(__name__)
@@ -40,6 +45,51 @@ log = logging.getLogger(__name__)
 DECISIONS_FILE = "training.json"
 TRAIN_JOB = "backend.corrections.train.run_training_job"
 TRAINING_TIMEOUT = 6 * 3600
+
+
+class TrainingRecipe(BaseModel):
+    """How a run fine-tunes: `epochs` > 0 wins over `steps`; `warmup` is a share of the steps; empty `parts` means
+    the family's default trainable parts. Built by `recipe` from the settings and per-run overrides."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    steps: TrainSteps
+    epochs: TrainEpochs
+    lr: TrainLr
+    batch_size: TrainBatchSize
+    warmup: TrainWarmup
+    parts: TrainParts
+    holdout: Holdout
+    min_records: MinRecords
+
+    def total_steps(self, train_records: int) -> int:
+        """Optimizer steps for `train_records` training records (epochs x batches per epoch, else `steps`)."""
+        return self.epochs * -(-train_records // self.batch_size) if self.epochs else self.steps
+
+    def warmup_steps(self, total: int) -> int:
+        """The warm-up share of `total` steps, in steps."""
+        return round(self.warmup * total)
+
+
+def recipe(settings: Settings, **overrides: Any) -> TrainingRecipe:
+    """The settings' recipe (CORRECTIONS_TRAIN_*, CORRECTIONS_HOLDOUT, CORRECTIONS_MIN_RECORDS) with the non-None
+    `overrides` applied; a bad value is a BadRequest naming it. An override of `steps` alone clears the epochs."""
+    values: dict[str, Any] = {
+        "steps": settings.corrections_train_steps, "epochs": settings.corrections_train_epochs,
+        "lr": settings.corrections_train_lr, "batch_size": settings.corrections_train_batch_size,
+        "warmup": settings.corrections_train_warmup, "parts": settings.corrections_train_parts,
+        "holdout": settings.corrections_holdout, "min_records": settings.corrections_min_records}
+    given = {key: value for key, value in overrides.items() if value is not None}
+    if "steps" in given and "epochs" not in given:
+        values["epochs"] = 0
+    if isinstance(given.get("parts"), str):
+        given["parts"] = [part.strip() for part in given["parts"].split(",") if part.strip()]
+    try:
+        return TrainingRecipe(**{**values, **given})
+    except ValidationError as error:
+        problem = error.errors()[0]
+        field = ".".join(str(part) for part in problem["loc"][:1]) or "recipe"
+        raise BadRequest(f"training {field}: {problem['msg']} (got {problem.get('input')!r})", field=field) from None
 
 
 class TrainingBusy(BackendError):
@@ -151,22 +201,21 @@ def _device(settings: Settings) -> str:
 
 
 def train_from_corrections(settings: Settings | None = None, *, corrections_dir: str | Path | None = None,
-                           steps: int = 200, holdout: float = 0.2, min_records: int = 8, batch_size: int = 8,
-                           redis: Any = None) -> dict[str, Any]:
-    """Evaluate, fine-tune, evaluate, promote if better (module docstring). Returns the recorded decision."""
+                           redis: Any = None, **overrides: Any) -> dict[str, Any]:
+    """Evaluate, fine-tune, evaluate, promote if better (module docstring). `overrides`: TrainingRecipe fields
+    (None keeps the setting). Returns the recorded decision."""
     settings = settings or get_settings()
+    plan = recipe(settings, **overrides)
     source = Path(corrections_dir or settings.corrections_dir)
     root = checkpoints_dir(settings)
-    if not 0 < holdout < 1:
-        raise BadRequest("holdout must be between 0 and 1", field="holdout")
     with _training_lock(root):
         name = f"evf-ft-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
         work = root / "runs" / name
-        counts = snapshot(source, work / "data", holdout)
-        if counts["train"] + counts["val"] < min_records or not counts["train"] or not counts["val"]:
+        counts = snapshot(source, work / "data", plan.holdout)
+        if counts["train"] + counts["val"] < plan.min_records or not counts["train"] or not counts["val"]:
             shutil.rmtree(work, ignore_errors=True)
             raise BadRequest(f"not enough corrections to train: {counts['train']} train / {counts['val']} held-out "
-                             f"record(s) in {source} (need {min_records} in total and both sides non-empty)",
+                             f"record(s) in {source} (need {plan.min_records} in total and both sides non-empty)",
                              code="not_enough_corrections", field="CORRECTIONS_DIR")
         from evf_sam.train import train
 
@@ -174,12 +223,15 @@ def train_from_corrections(settings: Settings | None = None, *, corrections_dir:
         device = _device(settings)
         started = time.time()
         before = _scores(base, work / "data", device)
-        result = train(base, work / "data", root / name, train_split="train", val_split=None, max_steps=steps,
-                       batch_size=batch_size, warmup_steps=max(1, steps // 10), device=device, progress=False)
+        total = plan.total_steps(counts["train"])
+        result = train(base, work / "data", root / name, train_split="train", val_split=None, max_steps=total,
+                       batch_size=plan.batch_size, lr=plan.lr, warmup_steps=plan.warmup_steps(total),
+                       trainable=plan.parts or None, device=device, progress=False)
         after = _scores(str(result.checkpoint), work / "data", device)
         promoted = after["giou"] > before["giou"]
         decision = {"checkpoint": str(result.checkpoint), "base": base, "promoted": promoted,
                     "before": before, "after": after, "steps": result.steps, "records": counts,
+                    "recipe": plan.model_dump(),
                     "seconds": round(time.time() - started, 1), "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ",
                                                                                             time.gmtime())}
         log_ = decisions(settings)
@@ -198,18 +250,27 @@ def train_from_corrections(settings: Settings | None = None, *, corrections_dir:
 
 
 def run_training_job(payload: dict[str, Any]) -> dict[str, Any]:
-    """RQ job (long timeout) behind START_TRAINING."""
+    """RQ job (long timeout) behind START_TRAINING: the settings' recipe with the payload's overrides."""
     from backend.queueing import redis_connection
 
     settings = get_settings()
     redis = redis_connection(settings) if settings.redis_url else None
-    return train_from_corrections(settings, steps=int(payload.get("steps", 200)), redis=redis)
+    return train_from_corrections(settings, redis=redis, **payload)
+
+
+# START_TRAINING's extra_params keys that override the recipe for one run (TrainingRecipe field names).
+EVENT_OVERRIDES = {"train_steps": "steps", "train_epochs": "epochs", "train_lr": "lr",
+                   "train_batch_size": "batch_size", "train_warmup": "warmup", "train_parts": "parts"}
 
 
 def on_start_training(event: dict[str, Any]) -> dict[str, Any]:
-    """Webhook job for START_TRAINING: queue the training run with a long timeout (Redis) or start a thread."""
+    """Webhook job for START_TRAINING: queue the training run with a long timeout (Redis) or start a thread.
+    The recipe is the settings' (CORRECTIONS_TRAIN_*), with the `train_*` keys of the project's extra_params
+    (EVENT_OVERRIDES) applied; a bad value is a BadRequest before anything is queued."""
     settings = get_settings()
-    payload = {"steps": int((event.get("extra_params") or {}).get("train_steps", 200))}
+    extra = event.get("extra_params") if isinstance(event.get("extra_params"), dict) else {}
+    payload = {field: extra[key] for key, field in EVENT_OVERRIDES.items() if extra.get(key) is not None}
+    recipe(settings, **payload)
     if settings.redis_url is None:
         threading.Thread(target=_train_logged, args=(payload,), name="evf-training", daemon=True).start()
         return {"status": "started"}

@@ -5,6 +5,8 @@ Ground truth is the VISIBLE part of each object: shapes are painted bottom to to
 object's mask is its rasterised shape minus the shapes above it. The painted pixels of an object are exactly its
 visible mask (the shape is composited through the same boolean raster), so image and mask agree pixel for pixel.
 Every object keeps at least `MIN_VISIBLE` of its area visible and lies fully inside the image.
+A `SceneStyle` narrows or shifts the visual domain (a project's own look: fewer shapes or colours, other object
+sizes, muted colours, another background); without one, scenes are exactly those of the default generator.
 """
 
 from __future__ import annotations
@@ -30,6 +32,39 @@ TEXTURES = ("solid", "striped", "dotted", "gradient")
 # Object radius as a fraction of the image's shorter side; the gaps between classes keep them visibly distinct.
 SIZES = {"small": (0.06, 0.085), "medium": (0.115, 0.15), "large": (0.19, 0.24)}
 MIN_VISIBLE = 0.6
+BACKGROUNDS = ("gradient", "dark", "tiles")
+
+
+@dataclasses.dataclass(frozen=True)
+class SceneStyle:
+    """A visual domain: the shapes, colours and size classes that occur, a radius scale, how saturated the object
+    colours are (1 = the palette, 0 = grey) and the background ("gradient": the default look; "dark": a low-key
+    gradient; "tiles": a two-tone grey tiling). The default instance draws exactly the default scenes."""
+
+    shapes: tuple[str, ...] = SHAPES
+    colours: tuple[str, ...] = tuple(COLOURS)
+    sizes: tuple[str, ...] = tuple(SIZES)
+    size_scale: float = 1.0
+    saturation: float = 1.0
+    background: str = "gradient"
+
+    def __post_init__(self) -> None:
+        for name, chosen, known in (("shapes", self.shapes, SHAPES), ("colours", self.colours, tuple(COLOURS)),
+                                    ("sizes", self.sizes, tuple(SIZES)), ("background", (self.background,),
+                                                                          BACKGROUNDS)):
+            unknown = [v for v in chosen if v not in known]
+            if unknown or not chosen:
+                raise ValueError(f"style {name} {unknown or list(chosen)!r} not among {', '.join(known)}")
+        if not 0.25 <= self.size_scale <= 1.5:
+            raise ValueError(f"style size_scale must be in [0.25, 1.5], got {self.size_scale}")
+        if not 0 <= self.saturation <= 1:
+            raise ValueError(f"style saturation must be in [0, 1], got {self.saturation}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+DEFAULT_STYLE = SceneStyle()
 
 
 @dataclasses.dataclass
@@ -134,9 +169,10 @@ def _texture(texture: str, rgb: np.ndarray, h: int, w: int, r: float, rng: np.ra
     return np.where(pattern[..., None], shade, rgb).astype(np.uint8)
 
 
-def _background(h: int, w: int, rng: np.random.Generator) -> Image.Image:
-    """Low-saturation two-colour gradient with distractor lines and small blobs."""
-    grey = rng.uniform(70, 200)
+def _background(h: int, w: int, rng: np.random.Generator, style: str = "gradient") -> Image.Image:
+    """Low-saturation two-colour gradient (low-key for "dark"; a two-tone tiling for "tiles") with distractor lines
+    and small blobs."""
+    grey = rng.uniform(15, 60) if style == "dark" else rng.uniform(70, 200)
     c1, c2 = (grey + rng.uniform(-30, 30, 3)), (grey + rng.uniform(-45, 45, 3))
     angle = rng.uniform(0, 2 * np.pi)
     u = (np.arange(w, dtype=np.float32)[None, :] * math.cos(angle)
@@ -144,7 +180,13 @@ def _background(h: int, w: int, rng: np.random.Generator) -> Image.Image:
     u -= u.min()
     index = (u * (255.0 / max(float(u.max()), 1.0))).astype(np.uint8)
     lut = np.clip(c1 + (c2 - c1) * np.linspace(0, 1, 256)[:, None], 0, 255).astype(np.uint8)
-    bg = Image.fromarray(lut[index])
+    pixels = lut[index]
+    if style == "tiles":
+        cell = int(rng.integers(12, 33))
+        yy, xx = np.mgrid[0:h, 0:w]
+        odd = ((yy // cell + xx // cell) % 2 == 1)[..., None]
+        pixels = np.clip(pixels.astype(np.int16) + np.where(odd, 35, -35), 0, 255).astype(np.uint8)
+    bg = Image.fromarray(pixels)
     draw = ImageDraw.Draw(bg)
     for _ in range(rng.integers(0, 7)):
         x, y = rng.uniform(0, w, 2), rng.uniform(0, h, 2)
@@ -158,25 +200,26 @@ def _background(h: int, w: int, rng: np.random.Generator) -> Image.Image:
     return bg
 
 
-def sample_scene(rng: np.random.Generator, min_side: int = 160, max_side: int = 640, max_objects: int = 6) -> Scene:
+def sample_scene(rng: np.random.Generator, min_side: int = 160, max_side: int = 640, max_objects: int = 6,
+                 style: SceneStyle = DEFAULT_STYLE) -> Scene:
     """Sample and render one scene: 2..max_objects shapes drawn from small per-scene attribute pools, so that
-    several objects share a shape or colour and the words are needed to tell them apart."""
+    several objects share a shape or colour and the words are needed to tell them apart; `style` sets the domain."""
     w, h = (int(v) for v in rng.integers(min_side, max_side + 1, 2))
     side = min(w, h)
     pools = {
-        "shape": rng.choice(SHAPES, rng.integers(1, 4), replace=False),
-        "colour": rng.choice(list(COLOURS), rng.integers(1, 4), replace=False),
+        "shape": rng.choice(style.shapes, rng.integers(1, min(4, len(style.shapes) + 1)), replace=False),
+        "colour": rng.choice(list(style.colours), rng.integers(1, min(4, len(style.colours) + 1)), replace=False),
         "texture": rng.choice(TEXTURES, rng.integers(1, 4), replace=False),
     }
-    canvas = np.asarray(_background(h, w, rng)).copy()
+    canvas = np.asarray(_background(h, w, rng, style.background)).copy()
     full: list[tuple[tuple[int, int, int, int], np.ndarray]] = []
     objects: list[SceneObject] = []
     fills: list[np.ndarray] = []
     for _ in range(int(rng.integers(2, max_objects + 1))):
         shape, colour, texture = (str(rng.choice(pools[k])) for k in ("shape", "colour", "texture"))
-        size = str(rng.choice(list(SIZES)))
+        size = str(rng.choice(list(style.sizes)))
         for _attempt in range(15):
-            r = rng.uniform(*SIZES[size]) * side
+            r = rng.uniform(*SIZES[size]) * side * style.size_scale
             cx, cy = rng.uniform(r + 3, w - r - 3), rng.uniform(r + 3, h - r - 3)
             rot = rng.uniform(-0.3, 0.3) if shape in ("square", "triangle") else rng.uniform(0, np.pi)
             bbox, local = _raster(shape, cx, cy, r, rot, rng)
@@ -189,6 +232,8 @@ def sample_scene(rng: np.random.Generator, min_side: int = 160, max_side: int = 
         objects.append(SceneObject(len(objects), shape, colour, texture, size, float(cx), float(cy), float(r),
                                    float(rot), bbox, int(local.sum())))
         rgb = np.clip(np.array(COLOURS[colour], np.float32) + rng.uniform(-18, 18, 3), 0, 255)
+        if style.saturation != 1:
+            rgb = rgb.mean() + (rgb - rgb.mean()) * np.float32(style.saturation)
         fills.append(_texture(texture, rgb, local.shape[0], local.shape[1], r, rng))
     masks = []
     for k, ((x0, y0, x1, y1), local) in enumerate(full):

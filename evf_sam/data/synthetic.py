@@ -5,6 +5,11 @@ unambiguous expression (`expressions`) and the VISIBLE mask of the object it nam
 (`semantic=true`, e.g. "all red shapes"), the union of all matching objects. Images are a pure function of
 (seed, split, index), so the same arguments give byte-identical files.
 
+Optional narrowing for a "project" (all defaults leave the output unchanged): a `SceneStyle` (`scenes`) shifts the
+visual domain, and `labels` replaces the referring expressions by a fixed label set, as a Label Studio project whose
+prompts are its label names: each label present in an image gives one semantic record whose prompt is the label name
+and whose mask is the union of the objects the label stands for.
+
     python -m evf_sam.data.synthetic --out data/synth --images 2000 --seed 0 --split train
 """
 
@@ -15,7 +20,7 @@ import json
 import os
 import re
 import zlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +39,7 @@ from evf_sam.data.layout import (
     save_mask,
     write_records,
 )
-from evf_sam.data.scenes import Scene, sample_scene
+from evf_sam.data.scenes import DEFAULT_STYLE, Scene, SceneStyle, sample_scene
 
 SCENES_FILE = "scenes.jsonl"
 KINDS = ("attribute", "position", "superlative", "relation")
@@ -46,14 +51,19 @@ def scene_rng(seed: int, split: str, index: int) -> np.random.Generator:
 
 
 def make_example(seed: int, split: str, index: int, *, expressions: int = 4, semantic_ratio: float = 0.2,
-                 min_side: int = 160, max_side: int = 640) -> tuple[Scene, list[dict[str, Any]]]:
+                 min_side: int = 160, max_side: int = 640, style: SceneStyle = DEFAULT_STYLE,
+                 labels: Mapping[str, Mapping[str, str]] | None = None) -> tuple[Scene, list[dict[str, Any]]]:
     """Render one scene and pick its expressions.
 
     Returns the scene and up to `expressions` dicts {"text", "query", "targets" (object ids), "semantic"}; each
     referring query resolves to exactly its one target, a semantic one to all its targets (the GT is their union).
+    With `labels` ({label name: attributes, e.g. {"star": {"shape": "star"}}}), the expressions are instead the
+    labels present in the scene (text = label name, semantic, targets = every matching object), in `labels` order.
     """
     rng = scene_rng(seed, split, index)
-    scene = sample_scene(rng, min_side, max_side)
+    scene = sample_scene(rng, min_side, max_side, style=style)
+    if labels is not None:
+        return scene, _label_expressions(scene, labels)[:expressions]
     options = ex.valid_queries(scene.objects, min(scene.width, scene.height))
     chosen: list[dict[str, Any]] = []
     used_targets: set[int] = set()
@@ -73,15 +83,27 @@ def make_example(seed: int, split: str, index: int, *, expressions: int = 4, sem
     return scene, chosen
 
 
+def _label_expressions(scene: Scene, labels: Mapping[str, Mapping[str, str]]) -> list[dict[str, Any]]:
+    chosen = []
+    for name, attrs in labels.items():
+        query = {"kind": "semantic", "attrs": dict(attrs)}
+        targets = ex.matches(query["attrs"], scene.objects)
+        if targets:
+            chosen.append({"text": name, "query": query, "targets": targets, "semantic": True, "label": name})
+    return chosen
+
+
 def generate_dataset(root: str | os.PathLike, n_images: int, seed: int = 0, split: str = "train", *,
                      expressions: int = 4, semantic_ratio: float = 0.2, min_side: int = 160, max_side: int = 640,
-                     image_format: str = "jpg", progress: bool = True) -> list[Record]:
+                     image_format: str = "jpg", style: SceneStyle = DEFAULT_STYLE,
+                     labels: Mapping[str, Mapping[str, str]] | None = None, progress: bool = True) -> list[Record]:
     """Write `n_images` scenes of `split` into the layout at `root`; returns this split's records.
 
     Records of other splits already in `root` are kept (generate train and val into one directory); those of
     `split` are replaced. Images are JPEG (quality 95) or PNG (`image_format="png"`); masks are 0/255 PNGs.
     Each record carries extra fields `kind`, `query`, `targets` and `scene_index`; `scenes.jsonl` describes
-    every object (attributes, centre, radius, bbox, full and visible area).
+    every object (attributes, centre, radius, bbox, full and visible area). `style` and `labels`: `make_example`;
+    label records carry the label name as their `label`.
     """
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9.-]*", split):
         raise ValueError(f"split name {split!r} must be letters, digits, '.' or '-' (it becomes part of file names)")
@@ -93,7 +115,7 @@ def generate_dataset(root: str | os.PathLike, n_images: int, seed: int = 0, spli
     save_kwargs = {"quality": 95} if image_format in ("jpg", "jpeg") else {}
     for index in tqdm(range(n_images), desc=f"synthetic {split}", unit="img", disable=not progress):
         scene, chosen = make_example(seed, split, index, expressions=expressions, semantic_ratio=semantic_ratio,
-                                     min_side=min_side, max_side=max_side)
+                                     min_side=min_side, max_side=max_side, style=style, labels=labels)
         stem = f"{split}_{index:06d}"
         image = f"{IMAGES_DIR}/{stem}.{image_format}"
         save_image(root / image, scene.image, durable=False, **save_kwargs)
@@ -101,8 +123,9 @@ def generate_dataset(root: str | os.PathLike, n_images: int, seed: int = 0, spli
             mask = f"{MASKS_DIR}/{stem}_{k}.png"
             save_mask(root / mask, scene.union(item["targets"]), durable=False)
             shapes = {scene.objects[i].shape for i in item["targets"]}
+            label = item.get("label") or (shapes.pop() if len(shapes) == 1 else "shape")
             records.append(Record(
-                image=image, mask=mask, prompt=item["text"], label=shapes.pop() if len(shapes) == 1 else "shape",
+                image=image, mask=mask, prompt=item["text"], label=label,
                 split=split, semantic=item["semantic"],
                 extra={"kind": item["query"]["kind"], "query": item["query"], "targets": item["targets"],
                        "scene_index": index},

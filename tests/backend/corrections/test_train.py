@@ -1,4 +1,5 @@
-"""Training from corrections with a tiny checkpoint on CPU: held-out slice, before/after numbers, promotion rules."""
+"""Training from corrections with a tiny checkpoint on CPU: held-out slice, before/after numbers, promotion rules,
+and the fine-tuning recipe from the settings (CORRECTIONS_TRAIN_*) with per-run overrides."""
 
 from __future__ import annotations
 
@@ -8,10 +9,14 @@ import uuid
 import numpy as np
 import pytest
 
+from typing import get_args
+
+from pydantic import ValidationError
+
 from backend.corrections.train import (TrainingBusy, _training_lock, active_checkpoint, active_key, decisions,
-                                       in_holdout, promoted_checkpoint, snapshot, train_from_corrections)
+                                       in_holdout, promoted_checkpoint, recipe, snapshot, train_from_corrections)
 from backend.errors import BadRequest
-from backend.settings import Settings
+from backend.settings import Settings, TrainablePart
 from evf_sam.data import layout
 
 HOLDOUT = 0.3
@@ -93,3 +98,72 @@ def test_cli_explains_when_there_is_too_little_to_train_on(tmp_path, base_env) -
                             text=True, timeout=120)
     assert result.returncode == 2 and "not enough corrections to train" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_the_recipe_comes_from_the_settings_and_runs_override_it(tmp_path) -> None:
+    from evf_sam.train import PARTS
+
+    assert get_args(TrainablePart) == PARTS
+    base = Settings(corrections_train_epochs=3, corrections_train_lr=2e-4, corrections_train_batch_size=4,
+                    corrections_train_warmup=0.25, corrections_train_parts="beit3, projector",
+                    corrections_holdout=0.3, corrections_min_records=5)
+    plan = recipe(base)
+    assert (plan.epochs, plan.lr, plan.batch_size, plan.warmup, plan.parts, plan.holdout, plan.min_records) == (
+        3, 2e-4, 4, 0.25, ["beit3", "projector"], 0.3, 5)
+    assert plan.total_steps(10) == 9 and plan.warmup_steps(9) == 2  # 3 epochs x ceil(10 / 4) batches
+    assert recipe(base, steps=7).total_steps(10) == 7  # a step count alone replaces the epochs
+    assert recipe(base, lr=None, parts="mask_decoder").parts == ["mask_decoder"]
+    assert recipe(Settings()).model_dump() == {"steps": 200, "epochs": 0, "lr": 1e-4, "batch_size": 8,
+                                               "warmup": 0.1, "parts": [], "holdout": 0.2, "min_records": 8}
+
+
+@pytest.mark.parametrize(("override", "field"), [({"lr": -1}, "lr"), ({"steps": 0}, "steps"),
+                                                 ({"warmup": 0.9}, "warmup"), ({"parts": "beit4"}, "parts"),
+                                                 ({"batch_size": "eight"}, "batch_size"), ({"holdout": 1}, "holdout")])
+def test_bad_recipe_values_are_clear_errors(override, field) -> None:
+    with pytest.raises(BadRequest) as raised:
+        recipe(Settings(), **override)
+    assert raised.value.field == field and field in raised.value.message
+
+
+@pytest.mark.parametrize(("name", "value"), [("CORRECTIONS_TRAIN_LR", "0"), ("CORRECTIONS_TRAIN_PARTS", "decoder"),
+                                             ("CORRECTIONS_TRAIN_EPOCHS", "-1"), ("CORRECTIONS_HOLDOUT", "1.5")])
+def test_bad_recipe_settings_name_the_variable(monkeypatch, name, value) -> None:
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ValidationError, match=name):
+        Settings()
+
+
+def test_a_run_trains_with_the_settings_recipe(settings) -> None:
+    corrections(settings.corrections_dir)
+    settings = settings.model_copy(update={"corrections_train_epochs": 1, "corrections_train_batch_size": 2,
+                                           "corrections_train_parts": ["mask_decoder"],
+                                           "corrections_holdout": HOLDOUT, "corrections_min_records": 4})
+    decision = train_from_corrections(settings)
+    train_records = decision["records"]["train"]
+    assert decision["steps"] == -(-train_records // 2)
+    assert decision["recipe"] == {"steps": 200, "epochs": 1, "lr": 1e-4, "batch_size": 2, "warmup": 0.1,
+                                  "parts": ["mask_decoder"], "holdout": HOLDOUT, "min_records": 4}
+
+
+def test_cli_rejects_a_bad_recipe_value_without_a_traceback(tmp_path, base_env) -> None:
+    import subprocess
+    import sys
+
+    from tests.backend.conftest import REPO
+
+    corrections(tmp_path / "c", images=2)
+    result = subprocess.run([sys.executable, "-m", "backend", "corrections", "train", "--dir", str(tmp_path / "c"),
+                             "--lr", "-0.1"], cwd=REPO, env={**base_env, "CHECKPOINTS_DIR": str(tmp_path / "k")},
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "training lr: Input should be greater than 0" in result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "k" / "runs").exists()
+
+
+def test_start_training_checks_the_projects_recipe_overrides_before_queueing(monkeypatch) -> None:
+    from backend.corrections import train as training
+
+    monkeypatch.setattr(training, "get_settings", lambda: Settings())
+    with pytest.raises(BadRequest) as raised:
+        training.on_start_training({"action": "START_TRAINING", "extra_params": {"train_lr": "fast"}})
+    assert raised.value.field == "lr"

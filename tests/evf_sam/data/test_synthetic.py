@@ -147,3 +147,58 @@ def test_cli_help_and_run(tmp_path, capsys):
     assert exit_info.value.code == 0 and "--semantic-ratio" in capsys.readouterr().out
     assert main(["--out", str(tmp_path), "--images", "2", "--split", "test", "--corpus", str(tmp_path / "c.txt")]) == 0
     assert len(read_records(tmp_path, split="test")) > 0 and (tmp_path / "c.txt").stat().st_size > 0
+
+
+def test_defaults_draw_the_scenes_of_the_original_generator():
+    """Golden hash of the default scenes (taken before SceneStyle and labels existed): the options change nothing."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for index in range(4):
+        scene, chosen = make_example(3, "train", index, max_side=200)
+        digest.update(scene.image.tobytes())
+        for mask in scene.masks:
+            digest.update(mask.tobytes())
+        digest.update(repr([item["text"] for item in chosen]).encode())
+    assert digest.hexdigest() == "5a4b9322ac1da2915bb284759e98ff1e60da424d50e361ced1dcb0552d5c8e6b"
+
+
+def test_a_style_narrows_and_shifts_the_visual_domain():
+    from evf_sam.data.scenes import SIZES, SceneStyle
+
+    style = SceneStyle(shapes=("hexagon", "circle"), colours=("red", "blue"), sizes=("small",), size_scale=0.8,
+                       saturation=0.3, background="tiles")
+    spreads = []
+    for index in INDICES:
+        scene, _ = make_example(1, "train", index, style=style, max_side=240)
+        side = min(scene.width, scene.height)
+        assert {o.shape for o in scene.objects} <= {"hexagon", "circle"}
+        assert {o.colour for o in scene.objects} <= {"red", "blue"} and {o.size for o in scene.objects} == {"small"}
+        assert all(o.radius <= SIZES["small"][1] * 0.8 * side + 1e-9 for o in scene.objects)
+        for obj, mask in zip(scene.objects, scene.masks):
+            if obj.texture == "solid" and mask.any():
+                spreads.append(float(np.ptp(scene.image[mask].mean(0))))
+        default, _ = make_example(1, "train", index, max_side=240)
+        assert not np.array_equal(default.image, scene.image) or default.image.shape != scene.image.shape
+    assert spreads and max(spreads) < 120  # muted: the palette's red and blue span about 180 between channels
+    for bad in ({"shapes": ("blob",)}, {"background": "plaid"}, {"saturation": 1.5}, {"size_scale": 3.0},
+                {"colours": ()}):
+        with pytest.raises(ValueError, match="style"):
+            SceneStyle(**bad)
+
+
+def test_labels_make_one_semantic_record_per_label_present(tmp_path):
+    labels = {"bolt": {"shape": "hexagon"}, "washer": {"shape": "circle"}, "red thing": {"colour": "red"}}
+    records = generate_dataset(tmp_path, 8, seed=2, split="p", labels=labels, progress=False)
+    scenes = {}
+    for index in range(8):
+        scene, chosen = make_example(2, "p", index, labels=labels)
+        scenes[index] = scene
+        present = [name for name, attrs in labels.items() if ex.matches(attrs, scene.objects)]
+        assert [item["text"] for item in chosen] == present[:4]
+    assert records and all(r.semantic and r.prompt == r.label and r.prompt in labels for r in records)
+    dataset = LayoutDataset(tmp_path, "p")
+    for record in records:
+        scene = scenes[record.extra["scene_index"]]
+        expected = scene.union(ex.matches(labels[record.prompt], scene.objects))
+        assert np.array_equal(dataset.load_mask(record), expected)
