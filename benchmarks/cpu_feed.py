@@ -277,14 +277,19 @@ def redis_round_trip(redis_url: str, result: dict[str, Any], batch_jobs: int, ro
     finally:
         jobs.PIPELINED[PREDICT_JOB] = original
         worker.register_death()
-        for queue in queues:
-            for registry in (queue.finished_job_registry, queue.failed_job_registry):
-                for job_id in registry.get_job_ids():
-                    connection.delete(f"rq:job:{job_id}", f"rq:results:{job_id}")
-                connection.delete(registry.key)
-            connection.delete(queue.key)
+        _drop_queues(connection, queues)
         dispatcher.close()
         connection.close()
+
+
+def _drop_queues(connection, queues) -> None:
+    """Delete the benchmark's queues, their finished/failed registries and the jobs in them from Redis."""
+    for queue in queues:
+        for registry in (queue.finished_job_registry, queue.failed_job_registry):
+            for job_id in registry.get_job_ids():
+                connection.delete(f"rq:job:{job_id}", f"rq:results:{job_id}")
+            connection.delete(registry.key)
+        connection.delete(queue.key)
 
 
 def redis_ping(redis_url: str, seconds: float) -> tuple[float, float]:
@@ -438,12 +443,7 @@ def worker_feed(redis_url: str, base_url: str, name: str, threads: int, jobs_per
                 figures[variant]["wall"].append(wall)
     finally:
         jobs.get_runtime = original
-        for queue in queues:
-            for registry in (queue.finished_job_registry, queue.failed_job_registry):
-                for job_id in registry.get_job_ids():
-                    connection.delete(f"rq:job:{job_id}", f"rq:results:{job_id}")
-                connection.delete(registry.key)
-            connection.delete(queue.key)
+        _drop_queues(connection, queues)
         connection.close()
     return {variant: {key: statistics.median(values) for key, values in parts.items()}
             for variant, parts in figures.items()}
