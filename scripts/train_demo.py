@@ -86,7 +86,13 @@ def load_training_data(args: argparse.Namespace, model: torch.nn.Module, device:
 
     cache = Path(args.data_cache) if args.data_cache else None
     if cache is not None and cache.is_file():
-        return ResidentData.load(cache).to(device)
+        data = ResidentData.load(cache)
+        found = (len(data.sam), data.sam_size, int(data.beit.shape[-1]))
+        wanted = (args.train_images, model.sam_image_size, model.beit_image_size)
+        if found != wanted:
+            raise SystemExit(f"--data-cache {cache} holds (images, SAM size, BEiT-3 size) {found}, this run needs "
+                             f"{wanted}: delete it or pass another path")
+        return data.to(device)
     data = build_synthetic(TRAIN_SEED + 1000 * args.stage, "train", args.train_images, model.sam_image_size,
                            model.beit_image_size, workers=args.workers, progress=not args.no_progress)
     if cache is not None:
