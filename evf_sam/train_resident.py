@@ -13,6 +13,7 @@ coarse patch grid: one predicts the target from BEiT-3's patch tokens of an inte
 projected prompt token the mask decoder receives (so that token must carry where the target is). With
 `grounding_only` the SAM image encoder and decoder are skipped: a cheap pre-training of BEiT-3 + projector. A
 curriculum can restrict the first steps to some expression kinds (e.g. attributes before spatial relations).
+With a `SyntheticStream`, fresh images replace the oldest ones in the pool while training runs.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from evf_sam.data.resident import ResidentData
+from evf_sam.data.stream import SyntheticStream
 from evf_sam.train import dice_loss, lr_factor
 
 
@@ -66,16 +68,35 @@ class ResidentHistory:
         return {"train": self.train, "val": self.val}
 
 
-def tokenize_all(model: Any, texts: list[str], device: torch.device, chunk: int = 4096) -> tuple[torch.Tensor, ...]:
-    """Token ids and attention masks [M,L] of every text, padded to the longest, on `device`."""
+def tokenize_all(model: Any, texts: list[str], device: torch.device, chunk: int = 4096,
+                 length: int = 0) -> tuple[torch.Tensor, ...]:
+    """Token ids and attention masks [M,L] of every text, padded to the longest (at least `length`), on `device`."""
     from evf_sam.transforms import tokenize
 
     parts = [tokenize(model.tokenizer, texts[i:i + chunk], model.max_text_tokens) for i in range(0, len(texts), chunk)]
-    length = max(ids.shape[1] for ids, _ in parts)
+    length = max([length] + [ids.shape[1] for ids, _ in parts])
     pad = model.tokenizer.pad_token_id
     ids = torch.cat([F.pad(i, (0, length - i.shape[1]), value=pad) for i, _ in parts])
     attention = torch.cat([F.pad(a, (0, length - a.shape[1]), value=0) for _, a in parts])
     return ids.to(device), attention.to(device)
+
+
+def _retokenize(model: Any, data: ResidentData, rows: torch.Tensor, ids: torch.Tensor,
+                attention: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`ids`/`attention` with expression `rows` tokenized again from `data.texts` (widened if a new text is longer)."""
+    new_ids, new_attention = tokenize_all(model, [data.texts[row] for row in rows.tolist()], ids.device,
+                                          length=ids.shape[1])
+    if new_ids.shape[1] > ids.shape[1]:
+        extra = new_ids.shape[1] - ids.shape[1]
+        ids = F.pad(ids, (0, extra), value=model.tokenizer.pad_token_id)
+        attention = F.pad(attention, (0, extra), value=0)
+    ids.index_copy_(0, rows, new_ids)
+    attention.index_copy_(0, rows, new_attention)
+    return ids, attention
+
+
+def _kind_rows(data: ResidentData, kinds: tuple[str, ...], device: torch.device) -> torch.Tensor:
+    return torch.tensor([i for i, kind in enumerate(data.kinds) if kind in kinds], dtype=torch.long, device=device)
 
 
 class GroundingHeads(torch.nn.Module):
@@ -192,14 +213,16 @@ def _compile(model: Any) -> None:
 
 def train_resident(model: Any, data: ResidentData, recipe: ResidentRecipe, *,
                    validate: Callable[[Any], dict[str, float]] | None = None, val_every: int = 1000,
-                   log_every: int = 50, time_limit_s: float | None = None, progress: bool = True) -> ResidentHistory:
+                   log_every: int = 50, time_limit_s: float | None = None, progress: bool = True,
+                   stream: SyntheticStream | None = None, refresh_every: int = 10) -> ResidentHistory:
     """Train `model` (on `data`'s device) for `recipe.steps` AdamW steps with warm-up + cosine: every parameter,
     or only BEiT-3 + projector with `recipe.grounding_only` (the others get no gradient).
 
     `validate(model)` runs every `val_every` steps and at the end; `time_limit_s` ends early (the schedule is not
     stretched: a run cut short ends at a higher learning rate) unless `recipe.steps` is 0: then the run fills
-    `time_limit_s` and warm-up, cosine decay and curriculum follow the elapsed time. Returns the history; the model
-    is left in eval mode.
+    `time_limit_s` and warm-up, cosine decay and curriculum follow the elapsed time. With `stream`, finished fresh
+    images replace the oldest in `data` every `refresh_every` steps. Returns the history; the model is left in eval
+    mode.
     """
     if recipe.steps <= 0 and not time_limit_s:
         raise ValueError("recipe.steps = 0 (fill the time) needs time_limit_s")
@@ -221,8 +244,7 @@ def train_resident(model: Any, data: ResidentData, recipe: ResidentRecipe, *,
                                    {"params": no_decay, "weight_decay": 0.0}], lr=recipe.lr, betas=(0.9, 0.95),
                                   fused=device.type == "cuda")
     everything = torch.arange(len(data), device=device)
-    early = torch.tensor([i for i, kind in enumerate(data.kinds) if kind in recipe.curriculum_kinds],
-                         dtype=torch.long, device=device)
+    early = _kind_rows(data, recipe.curriculum_kinds, device)
     if recipe.curriculum and not len(early):
         raise ValueError(f"no expressions of the curriculum kinds {recipe.curriculum_kinds} in the data")
     history = ResidentHistory()
@@ -234,6 +256,12 @@ def train_resident(model: Any, data: ResidentData, recipe: ResidentRecipe, *,
                dynamic_ncols=True)
     step, progress_done, lr = 0, 0.0, 0.0
     while progress_done < 1.0:
+        if stream is not None and step % refresh_every == 0:
+            fresh = stream.refresh(data)
+            if len(fresh):
+                ids, attention = _retokenize(model, data, fresh, ids, attention)
+                if progress_done < recipe.curriculum:
+                    early = _kind_rows(data, recipe.curriculum_kinds, device)
         pool = early if progress_done < recipe.curriculum else everything
         rows = pool[torch.randint(len(pool), (recipe.batch_size,), device=device, generator=generator)]
         if by_time:
@@ -259,6 +287,8 @@ def train_resident(model: Any, data: ResidentData, recipe: ResidentRecipe, *,
             count = step - (history.train[-1]["step"] if history.train else 0)
             entry = {"step": step, "lr": lr, "elapsed_s": time.time() - started,
                      **{k: float(v) / count for k, v in totals.items()}}
+            if stream is not None:
+                entry["fresh_images"] = stream.rendered
             history.train.append(entry)
             shown = ("loss", "iou", "aux_iou", "prompt_grid_iou")
             bar.set_postfix({k: f"{entry[k]:.3f}" for k in shown if k in entry})

@@ -15,11 +15,14 @@ weights), metrics.json, training curves and a README into `--out`.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import shutil
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -85,6 +88,8 @@ def load_training_data(args: argparse.Namespace, model: torch.nn.Module, device:
     from evf_sam.data.resident import ResidentData, build_synthetic
 
     cache = Path(args.data_cache) if args.data_cache else None
+    if cache is not None and args.stream:
+        raise SystemExit("--data-cache and --stream exclude each other: a streamed pool changes while training")
     if cache is not None and cache.is_file():
         data = ResidentData.load(cache)
         found = (len(data.sam), data.sam_size, int(data.beit.shape[-1]))
@@ -94,12 +99,24 @@ def load_training_data(args: argparse.Namespace, model: torch.nn.Module, device:
                              f"{wanted}: delete it or pass another path")
         return data.to(device)
     data = build_synthetic(TRAIN_SEED + 1000 * args.stage, "train", args.train_images, model.sam_image_size,
-                           model.beit_image_size, workers=args.workers, progress=not args.no_progress)
+                           model.beit_image_size, fill_expressions=args.stream, workers=args.workers,
+                           progress=not args.no_progress)
     if cache is not None:
         partial = cache.with_suffix(".partial")
         data.save(partial)
         partial.rename(cache)
     return data.to(device)
+
+
+def open_stream(args: argparse.Namespace, model: torch.nn.Module) -> Any:
+    """A `SyntheticStream` continuing the stage's training images after the pool (`--stream`), else a no-op."""
+    from evf_sam.data.stream import SyntheticStream
+
+    if not args.stream:
+        return contextlib.nullcontext()
+    workers = args.stream_workers or max(1, (os.cpu_count() or 2) - 2)
+    return SyntheticStream(TRAIN_SEED + 1000 * args.stage, "train", args.train_images, model.sam_image_size,
+                           model.beit_image_size, workers=workers)
 
 
 def run_training(args: argparse.Namespace) -> int:
@@ -128,26 +145,29 @@ def run_training(args: argparse.Namespace) -> int:
     print(f"data ready in {prepared:.0f} s: {len(data.sam)} images, {len(data)} expressions", flush=True)
 
     phases = {}
-    if args.pretrain_steps or args.pretrain_time:
-        pretrain = ResidentRecipe(steps=args.pretrain_steps, batch_size=args.pretrain_batch_size,
-                                  lr=args.pretrain_lr, warmup=args.pretrain_warmup, grounding_only=True,
-                                  aux_weight=1.0, prompt_grid_weight=1.0, curriculum=args.curriculum,
-                                  compile=args.compile, seed=TRAIN_SEED)
-        phases["pretrain"] = train_resident(model, data, pretrain, progress=not args.no_progress,
-                                            time_limit_s=None if args.pretrain_steps else args.pretrain_time)
-        print(f"grounding pre-training: {phases['pretrain'].train[-1]}", flush=True)
-    recipe = ResidentRecipe(steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup,
-                            aux_weight=args.aux_weight, prompt_grid_weight=args.prompt_grid_weight,
-                            curriculum=0.0 if phases else args.curriculum, compile=args.compile,
-                            seed=TRAIN_SEED)
-    if args.time_budget:
-        recipe.steps = 0
-        print(f"time budget {args.time_budget:.0f} s: as many steps as fit, schedule by elapsed time", flush=True)
     val_set = LayoutDataset(val_root, "val")
-    train_started = time.time()
-    history = train_resident(model, data, recipe, validate=lambda m: validate(m, val_set, "val", 32),
-                             val_every=args.val_every, progress=not args.no_progress,
-                             time_limit_s=args.time_budget)
+    with open_stream(args, model) as stream:
+        if args.pretrain_steps or args.pretrain_time:
+            pretrain = ResidentRecipe(steps=args.pretrain_steps, batch_size=args.pretrain_batch_size,
+                                      lr=args.pretrain_lr, warmup=args.pretrain_warmup, grounding_only=True,
+                                      aux_weight=1.0, prompt_grid_weight=1.0, curriculum=args.curriculum,
+                                      compile=args.compile, seed=TRAIN_SEED)
+            phases["pretrain"] = train_resident(model, data, pretrain, progress=not args.no_progress,
+                                                time_limit_s=None if args.pretrain_steps else args.pretrain_time,
+                                                stream=stream)
+            print(f"grounding pre-training: {phases['pretrain'].train[-1]}", flush=True)
+        recipe = ResidentRecipe(steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup,
+                                aux_weight=args.aux_weight, prompt_grid_weight=args.prompt_grid_weight,
+                                curriculum=0.0 if phases else args.curriculum, compile=args.compile,
+                                seed=TRAIN_SEED)
+        if args.time_budget:
+            recipe.steps = 0
+            print(f"time budget {args.time_budget:.0f} s: as many steps as fit, schedule by elapsed time", flush=True)
+        train_started = time.time()
+        history = train_resident(model, data, recipe, validate=lambda m: validate(m, val_set, "val", 32),
+                                 val_every=args.val_every, progress=not args.no_progress,
+                                 time_limit_s=args.time_budget, stream=stream)
+        fresh_images = stream.rendered if stream is not None else 0
     train_seconds = time.time() - train_started
     steps = history.train[-1]["step"]
     out = Path(args.out)
@@ -162,7 +182,8 @@ def run_training(args: argparse.Namespace) -> int:
     metrics = {"heldout": heldout, "heldout_per_kind": kinds,
                "val": {k: history.val[-1][k] for k in ("ciou", "giou")},
                "steps": steps, "pretrain_steps": pretrain_steps, "batch_size": args.batch_size,
-               "train_images": args.train_images, "train_expressions": len(data), "device": args.device,
+               "train_images": args.train_images, "train_expressions": len(data), "fresh_images": fresh_images,
+               "device": args.device,
                "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
                "data_seconds": round(prepared, 1), "train_seconds": round(train_seconds, 1),
                "wall_seconds": round(time.time() - started, 1),
@@ -185,6 +206,8 @@ def _reproduce(args: argparse.Namespace, steps: int, pretrain_steps: int) -> lis
                   f"--pretrain-lr {args.pretrain_lr}", f"--pretrain-warmup {args.pretrain_warmup}"]
     if args.curriculum:
         parts.append(f"--curriculum {args.curriculum}")
+    if args.stream:
+        parts.append("--stream")
     if args.init_from:
         parts += [f"--stage {args.stage}", f"--init-from {args.init_from}"]
     else:
@@ -297,6 +320,11 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--sam-depth", type=int, default=SAM["depth"],
                    help="SAM ViT blocks of a fresh model (ignored with --init-from)")
     t.add_argument("--compile", action="store_true", help="torch.compile the image encoder and BEiT-3 layers")
+    t.add_argument("--stream", action="store_true",
+                   help="keep rendering new training images while training and swap them in, oldest first "
+                        "(evf_sam.data.stream), so the model does not memorise the --train-images pool")
+    t.add_argument("--stream-workers", type=int, default=None,
+                   help="rendering processes of --stream (default: CPU count - 2)")
     t.add_argument("--data-cache", default=None,
                    help="file for the rendered training data: read when present, else written (shared by runs)")
     t.add_argument("--val-every", type=int, default=1000, help="validate every N steps")

@@ -11,6 +11,10 @@ preprocessing (`evf_sam.transforms`), and keeps:
 - `image_of` int32 [M], `texts` and `kinds` (M strings; the query kind of each expression, "semantic" for unions).
 
 About 0.55 MB per image with 4 expressions at S=256, so 40,000 images fit in host and GPU memory.
+
+With `fill_expressions` every image gets exactly `expressions` rows (its expressions repeated in turn when the
+generator found fewer; images with none are left out), image i owning rows [k*i, k*i+k): the layout
+`replace_images` needs to swap fresh images in during training (`evf_sam.data.stream`).
 """
 
 from __future__ import annotations
@@ -69,6 +73,27 @@ class ResidentData:
         bits = packed.unsqueeze(-1) & _BITS.to(packed.device)
         return (bits != 0).flatten(-2).float()
 
+    def replace_images(self, slots: torch.Tensor, part: ResidentData) -> torch.Tensor:
+        """Put `part`'s images into image rows `slots` (one per image of `part`) and its expressions into those
+        images' expression rows; both sides must have the fixed layout of `fill_expressions`. Returns the expression
+        rows written (long, on this data's device)."""
+        per_image = len(self) // len(self.sam)
+        if not (_fixed_layout(self, per_image) and _fixed_layout(part, per_image)):
+            raise ValueError("replace_images needs a fixed number of expressions per image (fill_expressions=True)")
+        if len(slots) != len(part.sam):
+            raise ValueError(f"{len(slots)} slots for {len(part.sam)} images")
+        device = self.sam.device
+        slots = slots.to(device).long()
+        rows = (slots[:, None] * per_image + torch.arange(per_image, device=device)).flatten()
+        self.sam.index_copy_(0, slots, part.sam.to(device))
+        self.shapes.index_copy_(0, slots, part.shapes.to(device))
+        self.beit.index_copy_(0, slots, part.beit.to(device))
+        self.masks.index_copy_(0, rows, part.masks.to(device))
+        for row, text, kind in zip(rows.tolist(), part.texts, part.kinds):
+            self.texts[row] = text
+            self.kinds[row] = kind
+        return rows
+
     def save(self, path: str | os.PathLike) -> None:
         """Write everything to one file (torch.save)."""
         torch.save(self.__dict__, path)
@@ -79,15 +104,27 @@ class ResidentData:
         return cls(**torch.load(path, weights_only=False))
 
 
-def _render(job: tuple[int, str, int, int, int, int, int, int]) -> dict[str, Any]:
+def _fixed_layout(data: ResidentData, per_image: int) -> bool:
+    """Whether image i of `data` owns exactly expression rows [per_image*i, per_image*(i+1))."""
+    expected = torch.arange(len(data), device=data.image_of.device) // per_image
+    return len(data) == per_image * len(data.sam) and torch.equal(data.image_of.long(), expected)
+
+
+def render_part(job: tuple[int, str, int, int, int, int, int, int, bool]) -> dict[str, Any]:
+    """Images `start..stop-1` of (seed, split) rendered and preprocessed (numpy arrays; `parts_to_data` joins
+    them). job = (seed, split, start, stop, sam_size, beit_size, max_side, expressions, fill_expressions)."""
     from evf_sam.data.synthetic import make_example
     from evf_sam.transforms import beit_input, load_image, resize_longest_side
 
-    seed, split, start, stop, sam_size, beit_size, max_side, expressions = job
+    seed, split, start, stop, sam_size, beit_size, max_side, expressions, fill = job
     torch.set_num_threads(1)
     sam, shapes, beit, masks, image_of, texts, kinds = [], [], [], [], [], [], []
     for index in range(start, stop):
         scene, chosen = make_example(seed, split, index, expressions=expressions, max_side=max_side)
+        if fill:
+            if not chosen:
+                continue
+            chosen = [chosen[i % len(chosen)] for i in range(expressions)]
         encoded = io.BytesIO()
         Image.fromarray(scene.image).save(encoded, format="JPEG", quality=95)
         image = load_image(Image.open(encoded))
@@ -113,25 +150,8 @@ def _render(job: tuple[int, str, int, int, int, int, int, int]) -> dict[str, Any
             "kinds": kinds}
 
 
-def build_synthetic(seed: int, split: str, n_images: int, sam_size: int, beit_size: int = 224, *,
-                    max_side: int = 640, expressions: int = 4, workers: int | None = None,
-                    progress: bool = True) -> ResidentData:
-    """Render images `0..n_images-1` of (seed, split) with the generator and preprocess them (module docstring).
-
-    The scenes and expressions are exactly those `generate_dataset(seed=seed, split=split, max_side=max_side)` writes.
-    """
-    from tqdm.auto import tqdm
-
-    workers = workers or max(1, (os.cpu_count() or 2) - 1)
-    chunk = max(1, min(250, -(-n_images // (4 * workers))))
-    jobs = [(seed, split, start, min(n_images, start + chunk), sam_size, beit_size, max_side, expressions)
-            for start in range(0, n_images, chunk)]
-    parts: list[dict[str, Any]] = []
-    with ProcessPoolExecutor(max_workers=workers) as pool, \
-            tqdm(total=n_images, desc=f"render {split}", unit="img", disable=not progress) as bar:
-        for job, part in zip(jobs, pool.map(_render, jobs)):
-            parts.append(part)
-            bar.update(job[3] - job[2])
+def parts_to_data(parts: list[dict[str, Any]]) -> ResidentData:
+    """`render_part` outputs, in order -> one ResidentData on the CPU."""
     offsets = np.cumsum([0] + [len(p["sam"]) for p in parts[:-1]])
     return ResidentData(
         sam=torch.from_numpy(np.concatenate([p["sam"] for p in parts])),
@@ -140,3 +160,26 @@ def build_synthetic(seed: int, split: str, n_images: int, sam_size: int, beit_si
         masks=torch.from_numpy(np.concatenate([p["masks"] for p in parts])),
         image_of=torch.from_numpy(np.concatenate([p["image_of"] + o for p, o in zip(parts, offsets)])),
         texts=[t for p in parts for t in p["texts"]], kinds=[k for p in parts for k in p["kinds"]])
+
+
+def build_synthetic(seed: int, split: str, n_images: int, sam_size: int, beit_size: int = 224, *,
+                    max_side: int = 640, expressions: int = 4, fill_expressions: bool = False,
+                    workers: int | None = None, progress: bool = True) -> ResidentData:
+    """Render images `0..n_images-1` of (seed, split) with the generator and preprocess them (module docstring).
+
+    The scenes and expressions are exactly those `generate_dataset(seed=seed, split=split, max_side=max_side)` writes
+    (with `fill_expressions`, repeated to `expressions` per image).
+    """
+    from tqdm.auto import tqdm
+
+    workers = workers or max(1, (os.cpu_count() or 2) - 1)
+    chunk = max(1, min(250, -(-n_images // (4 * workers))))
+    jobs = [(seed, split, start, min(n_images, start + chunk), sam_size, beit_size, max_side, expressions,
+             fill_expressions) for start in range(0, n_images, chunk)]
+    parts: list[dict[str, Any]] = []
+    with ProcessPoolExecutor(max_workers=workers) as pool, \
+            tqdm(total=n_images, desc=f"render {split}", unit="img", disable=not progress) as bar:
+        for job, part in zip(jobs, pool.map(render_part, jobs)):
+            parts.append(part)
+            bar.update(job[3] - job[2])
+    return parts_to_data(parts)
