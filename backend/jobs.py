@@ -104,13 +104,16 @@ def _load_runtime(settings: Settings, checkpoint: str) -> Runtime:
                               visible_gpus=placement.visible_gpus())
     started = time.perf_counter()
     model = evf_sam.load_model(checkpoint, device=where.device, dtype=getattr(torch, where.dtype))
-    fused = settings.evf_sam_fused_attention == "on" or (settings.evf_sam_fused_attention == "auto"
-                                                         and where.device.startswith("cuda"))
-    speedups = accelerate(model, fused_attention=fused, compile_encoder=settings.evf_sam_compile)
+    on_cuda = where.device.startswith("cuda")
+    fused = settings.evf_sam_fused_attention == "on" or (settings.evf_sam_fused_attention == "auto" and on_cuda)
+    graphs = settings.evf_sam_prompt_graphs == "on" or (settings.evf_sam_prompt_graphs == "auto" and on_cuda)
+    speedups = accelerate(model, fused_attention=fused, compile_encoder=settings.evf_sam_compile,
+                          prompt_graphs=graphs)
+    # Jobs use masks and scores only: the float32 logits stay on the device.
     predictor = evf_sam.EvfPredictor(model, cache_size=settings.embedding_cache_size,
                                      max_image_batch=settings.image_batch_size,
                                      max_prompt_batch=settings.prompt_batch_size,
-                                     preprocess_device=where.preprocess)
+                                     preprocess_device=where.preprocess, return_logits=False)
     runtime = Runtime(predictor=predictor,
                       model_name=model.model_name, fingerprint=model.fingerprint, family=model.family,
                       device=where.device, dtype=where.dtype, checkpoint=checkpoint,

@@ -4,8 +4,11 @@ Both paths run in the same process on the same random weights (no hub is needed)
 - baseline: what the official `inference.py` does per image - fp16 weights under a global fp16 autocast, one image and
   one prompt at a time, CPU preprocessing, no reuse of the image embedding;
 - ours: `EvfPredictor` in the chosen dtype, batches of distinct images, embedding cache; measured with CPU
-  preprocessing, with GPU-side preprocessing, then (`--fast`) also with fused attention and (`--compile`) with the
-  image encoder compiled (`evf_sam.acceleration`), each step on top of the previous one.
+  preprocessing, with GPU-side preprocessing, then (`--fast`) also with fused attention, with CUDA graphs of the
+  prompt path and (`--compile`) with the image encoder compiled (`evf_sam.acceleration`), each step on top of the
+  previous one. The prompt-path step times a new prompt on a cached image eagerly and with the graphs in the same
+  run (masks only, as the worker asks, and with float32 logits) and checks their agreement; on a CPU the graphs are
+  off and only the eager path is timed.
 Prints images/s per batch size, latency percentiles, the cached-prompt latency, peak memory and the ratios, and writes JSON.
 """
 
@@ -43,6 +46,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fast", action="store_true",
                         help="also time GPU preprocessing + fused attention (and with --compile, + torch.compile)")
     parser.add_argument("--compile", action="store_true", help="with --fast: also time the compiled image encoder")
+    parser.add_argument("--compile-mode", default=None,
+                        help="torch.compile mode of the image encoder with --compile (default: torch's default; e.g. "
+                             "max-autotune-no-cudagraphs, which autotunes its kernels and takes minutes per shape)")
     parser.add_argument("--compile-batch-sizes", default="1,32",
                         help="batch sizes timed on the compiled path (each compiles once; default 1,32)")
     parser.add_argument("--demo-agreement", default=None, metavar="CHECKPOINT",
@@ -163,7 +169,7 @@ def _compare(got: list[list[Any]], want: list[list[Any]]) -> dict[str, float]:
 
 def run_bench(family: str, model_size: str, dtype: torch.dtype, batch_sizes: list[int], n_images: int, n_baseline: int,
               image_size: tuple[int, int], device: torch.device, tokenizer_dir: Path, fast: bool = False,
-              compile_batch_sizes: list[int] | None = None) -> dict[str, Any]:
+              compile_batch_sizes: list[int] | None = None, compile_mode: str | None = None) -> dict[str, Any]:
     images = _random_images(max(n_images, n_baseline), *image_size, seed=0)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -175,7 +181,8 @@ def run_bench(family: str, model_size: str, dtype: torch.dtype, batch_sizes: lis
                     if device.type == "cuda" else None)
     agreement = _agreement(model, images[:4], dtype)
     params = sum(p.numel() for p in model.parameters())
-    fast_result = _time_fast(model, images[:n_images], batch_sizes, compile_batch_sizes, device, dtype) if fast else None
+    fast_result = (_time_fast(model, images[:n_images], batch_sizes, compile_batch_sizes, compile_mode, device, dtype)
+                   if fast else None)
     out = {"family": family, "params": params, "dtype": str(dtype).replace("torch.", ""), "image_size": list(image_size),
            "baseline_fp16_autocast_bs1": baseline, "ours": ours, "ours_gpu_preprocessing": ours_gpu_pre,
            "agreement_vs_fp32": agreement, **(fast_result or {}),
@@ -190,9 +197,10 @@ def run_bench(family: str, model_size: str, dtype: torch.dtype, batch_sizes: lis
 
 
 def _time_fast(model, images: list[np.ndarray], batch_sizes: list[int], compile_batch_sizes: list[int] | None,
-               device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
-    """GPU preprocessing + fused attention, then (with `compile_batch_sizes`) + the compiled image encoder; the
-    agreement of the fused path with the unfused fp32 model; compile warm-up seconds per batch size."""
+               compile_mode: str | None, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
+    """GPU preprocessing + fused attention, + prompt-path CUDA graphs (`_time_prompt_path`), then (with
+    `compile_batch_sizes`) + the compiled image encoder; the agreement of the fused path with the unfused fp32
+    model; compile warm-up seconds per batch size."""
     import copy
 
     from evf_sam.acceleration import accelerate
@@ -204,8 +212,10 @@ def _time_fast(model, images: list[np.ndarray], batch_sizes: list[int], compile_
     reference.to(device)
     result["agreement_fused_vs_fp32"] = _agreement(model, images[:4], dtype, "model", reference)
     del reference
+    result["prompt_path"] = _time_prompt_path(model, images[:16], device)
     if compile_batch_sizes:
-        accelerate(model, fused_attention=False, compile_encoder=True)
+        result["compile_mode"] = accelerate(model, fused_attention=False, compile_encoder=True,
+                                            compile_mode=compile_mode)["compiled_encoder"]
         warmups = {}
         for bs in compile_batch_sizes:
             start = time.perf_counter()
@@ -224,6 +234,57 @@ def _time_fast(model, images: list[np.ndarray], batch_sizes: list[int], compile_
         result["compiled_vs_eager_encoder"] = {"correlation": float(torch.corrcoef(torch.stack([compiled, eager]))[0, 1]),
                                                "max_abs_diff": float((compiled - eager).abs().max())}
     return result
+
+
+def _time_prompt_path(model, images: list[np.ndarray], device: torch.device) -> dict[str, Any]:
+    """A new prompt on a cached image (GPU preprocessing), eager and with the prompt path's CUDA graphs
+    (`accelerate(prompt_graphs=True)`) on the same model, each returning masks only (as the worker does) and with
+    float32 logits; then the graphs against the eager path in the same dtype (mask IoU, logits correlation) on one
+    call of 4 images with 3 prompts each. On a CPU the graphs are off and only the eager path is timed."""
+    from evf_sam.acceleration import accelerate
+    from evf_sam.predictor import EvfPredictor
+
+    replayed = accelerate(model, fused_attention=False, prompt_graphs=True)["prompt_graphs"]
+    graphs = model.prompt_graphs
+    result: dict[str, Any] = {"graphs": "on" if replayed else
+                              f"off: CUDA graphs need a CUDA model (this one is on {device.type})"}
+    for name in ("eager", "graphs") if replayed else ("eager",):
+        model.prompt_graphs = graphs if name == "graphs" else None  # the same model with and without its graphs
+        for return_logits in (False, True):
+            predictor = EvfPredictor(model, cache_size=len(images), preprocess_device="model",
+                                     return_logits=return_logits)
+            result[f"{name}_{'logits' if return_logits else 'masks'}"] = _cached_prompt_latency(predictor, images,
+                                                                                              device)
+    if replayed:
+        items = [(image, PROMPTS) for image in images[:4]]
+        model.prompt_graphs = None
+        want = EvfPredictor(model, cache_size=0, preprocess_device="model").predict_batch(items)
+        model.prompt_graphs = graphs
+        got = EvfPredictor(model, cache_size=0, preprocess_device="model").predict_batch(items)
+        result["agreement_graphs_vs_eager"] = _compare(got, want)
+        result["speedup_p50_masks"] = result["eager_masks"]["p50_ms"] / result["graphs_masks"]["p50_ms"]
+        # what the worker gains: it used to take the eager path with float32 logits
+        result["speedup_p50_vs_eager_logits"] = result["eager_logits"]["p50_ms"] / result["graphs_masks"]["p50_ms"]
+        result["captured_buckets"] = [list(bucket) for bucket in graphs.buckets]
+    model.prompt_graphs = graphs
+    return result
+
+
+def _cached_prompt_latency(predictor: Any, images: list[np.ndarray], device: torch.device) -> dict[str, float]:
+    """p50/p95 of `predictor.predict(image, [prompt])` on images it has cached, over images x PROMPTS[1:]."""
+    for image in images:
+        predictor.predict(image, PROMPTS[:1])  # encodes and caches the image
+    for prompt in PROMPTS[1:]:
+        predictor.predict(images[0], [prompt])  # first use of each text length (graphs: capture)
+    times = []
+    for image in images:
+        for prompt in PROMPTS[1:]:
+            _sync(device)
+            start = time.perf_counter()
+            predictor.predict(image, [prompt])
+            _sync(device)
+            times.append(time.perf_counter() - start)
+    return {**_percentiles(times), "samples": len(times)}
 
 
 def _main_output(output: Any) -> torch.Tensor:
@@ -277,6 +338,8 @@ def _print(result: dict[str, Any]) -> None:
                   f"new prompt on cached image p50 {part['cached_image_new_prompt']['p50_ms']:.1f} ms")
     if result.get("compiled_vs_eager_encoder"):
         print(f"compiled vs eager image encoder (same dtype): {result['compiled_vs_eager_encoder']}")
+    if result.get("prompt_path"):
+        _print_prompt_path(result["prompt_path"])
     for name in ("agreement_fused_vs_fp32",):
         if result.get(name):
             print(f"{name}: logits correlation {result[name]['logits_correlation']:.5f}, "
@@ -288,6 +351,18 @@ def _print(result: dict[str, Any]) -> None:
           f"mean mask IoU {agree['mean_mask_iou']:.4f}")
     if "peak_memory_gib" in result:
         print(f"peak GPU memory: {result['peak_memory_gib']:.1f} GiB on {result['gpu']}")
+
+
+def _print_prompt_path(part: dict[str, Any]) -> None:
+    timed = ", ".join(f"{key} {part[key]['p50_ms']:.2f}/{part[key]['p95_ms']:.2f}"
+                      for key in ("eager_masks", "eager_logits", "graphs_masks", "graphs_logits") if key in part)
+    print(f"new prompt on a cached image, p50/p95 ms (prompt graphs {part['graphs']}): {timed}")
+    if "agreement_graphs_vs_eager" in part:
+        agree = part["agreement_graphs_vs_eager"]
+        print(f"prompt graphs: {part['speedup_p50_masks']:.2f}x eager at p50 (masks only; "
+              f"{part['speedup_p50_vs_eager_logits']:.2f}x eager with logits); vs eager in the same dtype: "
+              f"mean mask IoU {agree['mean_mask_iou']:.4f} (min {agree['min_mask_iou']:.4f}), logits correlation "
+              f"{agree['logits_correlation']:.6f}; buckets {part['captured_buckets']}")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -311,7 +386,8 @@ def main(args: argparse.Namespace) -> int:
         results.append(run_bench(family, args.size, parse_dtype(args.dtype), batch_sizes, args.images,
                                  args.baseline_images, (width, height), device, tokenizer_dir, fast=args.fast,
                                  compile_batch_sizes=([int(v) for v in args.compile_batch_sizes.split(",")]
-                                                      if args.fast and args.compile else None)))
+                                                      if args.fast and args.compile else None),
+                                 compile_mode=args.compile_mode))
         _print(results[-1])
         args.out.write_text(json.dumps(results, indent=2))
     print(f"\nwrote {args.out}")

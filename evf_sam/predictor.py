@@ -3,7 +3,9 @@
 One call takes several images, each with several prompts. Images are decoded and hashed by content; embeddings of
 images seen before come from an LRU cache kept on the model's device, the others are encoded in batches. BEiT-3 then
 runs once over all prompts of the call (right-padded with an attention mask), the mask decoder once over all prompts
-(each gathering its image's embedding), and the logits go back to every image's original size in float32.
+(each gathering its image's embedding) - replayed as CUDA graphs when the model has them (`evf_sam.acceleration`) -
+and the logits go back to every image's original size in float32, where they are thresholded on the model's device;
+the masks, the scores and (if asked) the logits come to the host in one copy.
 
 The per-image CPU work (decode, content hash, resize, layout, pinning) is `prepare_image`, which any thread may run
 while another thread holds the predictor in `predict_batch`; a server prepares images on a thread pool and keeps the
@@ -31,10 +33,11 @@ from evf_sam.transforms import (BEIT_MEAN, BEIT_STD, ImageInput, beit_input, che
 @dataclass(frozen=True, eq=False)
 class Prediction:
     """The answer to one prompt: `mask` bool [H,W] and `logits` float32 [H,W] at the (EXIF-transposed) original
-    size, with `mask == logits > 0`; `score` is the decoder's predicted IoU."""
+    size, with `mask == logits > 0` (`logits` None when the predictor was made with `return_logits=False`);
+    `score` is the decoder's predicted IoU."""
 
     mask: np.ndarray
-    logits: np.ndarray
+    logits: np.ndarray | None
     score: float
 
 
@@ -85,6 +88,9 @@ class _Encoded:
     resize_shape: tuple[int, int] | None
 
 
+_NUMPY_DTYPES = {torch.float32: np.float32, torch.bool: np.bool_}
+
+
 def image_key(image: np.ndarray) -> str:
     """Content hash of a decoded uint8 image: blake2b over its shape and pixel bytes."""
     digest = hashlib.blake2b(digest_size=16)
@@ -100,11 +106,12 @@ class EvfPredictor:
     the image encoder at once and at most `max_prompt_batch` prompts through BEiT-3 and the decoder.
     `preprocess_device` None runs preprocessing on the CPU (the reference path); "model" runs its float steps on the
     model's device (uint8 uploads, faster for large images on a GPU; equal up to float rounding of the resizes).
-    Calls are serialised by a lock, so one predictor may be shared by threads.
+    `return_logits` False leaves `Prediction.logits` None: only masks and scores are copied to the host (a server's
+    choice: a quarter of the bytes). Calls are serialised by a lock, so one predictor may be shared by threads.
     """
 
     def __init__(self, model: Any, cache_size: int = 32, max_image_batch: int = 8, max_prompt_batch: int = 64,
-                 preprocess_device: str | None = None) -> None:
+                 preprocess_device: str | None = None, return_logits: bool = True) -> None:
         if cache_size < 0 or max_image_batch < 1 or max_prompt_batch < 1:
             raise ValueError("cache_size must be >= 0, max_image_batch and max_prompt_batch >= 1")
         if preprocess_device not in (None, "model"):
@@ -116,6 +123,7 @@ class EvfPredictor:
         self.max_image_batch = max_image_batch
         self.max_prompt_batch = max_prompt_batch
         self.preprocess_device = preprocess_device
+        self.return_logits = return_logits
         self._cache: OrderedDict[str, _Encoded] = OrderedDict()
         self._hits = 0
         self._misses = 0
@@ -183,32 +191,48 @@ class EvfPredictor:
                                        dtype=torch.long, device=self.device)
             features = ImageFeatures.cat([encoded[key].features for key in unique])
             beit = torch.stack([encoded[key].beit_pixels for key in unique])
+            graphs = getattr(model, "prompt_graphs", None)
+            if graphs is not None and not graphs.supports(model):
+                graphs = None
             low_res, scores = [], []
             for start in range(0, input_ids.shape[0], self.max_prompt_batch):
                 rows = slice(start, start + self.max_prompt_batch)
                 length = int(attention_mask[rows].sum(dim=1).max())
-                tokens = model.encode_prompts(beit.index_select(0, image_index[rows]),
-                                              input_ids[rows, :length].to(self.device),
-                                              attention_mask[rows, :length].to(self.device))
-                logits, score = model.decode_masks(features, tokens, image_index[rows])
+                ids, mask = input_ids[rows, :length], attention_mask[rows, :length]
+                if graphs is not None:
+                    logits, score = graphs.run(model, beit, features, image_index[rows], ids, mask,
+                                               self.max_prompt_batch)
+                else:
+                    tokens = model.encode_prompts(beit.index_select(0, image_index[rows]), ids.to(self.device),
+                                                  mask.to(self.device))
+                    logits, score = model.decode_masks(features, tokens, image_index[rows])
                 low_res.append(logits)
                 scores.append(score)
             low = torch.cat(low_res)
-            score_list = self._to_host(torch.cat(scores).float()).tolist()
 
-            results, start = [], 0
+            full, start = [], 0
             for image, key, plist in zip(images, keys, prompt_lists):
-                rows = slice(start, start + len(plist))
-                full = self._to_host(postprocess_logits(low[rows], image.image.shape[:2], model.sam_image_size,
-                                                        encoded[key].resize_shape))
-                results.append([Prediction(mask=full[i] > 0, logits=full[i], score=score_list[start + i])
-                                for i in range(len(plist))])
+                full.append(postprocess_logits(low[start:start + len(plist)], image.image.shape[:2],
+                                               model.sam_image_size, encoded[key].resize_shape))
                 start += len(plist)
+            # float32 first (see packed_host_copy)
+            host = self._to_host([torch.cat(scores).float(), *(full if self.return_logits else []),
+                                  *(image_logits > 0 for image_logits in full)])
+        score_list = host[0].tolist()
+        masks = host[len(host) - len(full):]
+        logits_host = host[1:1 + len(full)] if self.return_logits else [None] * len(full)
+        results, start = [], 0
+        for image_masks, image_logits, plist in zip(masks, logits_host, prompt_lists):
+            results.append([Prediction(mask=image_masks[i], logits=None if image_logits is None else image_logits[i],
+                                       score=score_list[start + i]) for i in range(len(plist))])
+            start += len(plist)
         return results
 
-    def _to_host(self, tensor: torch.Tensor) -> np.ndarray:
-        """A result tensor on the model's device -> numpy on the host (the device-to-host copy)."""
-        return tensor.cpu().numpy()
+    def _to_host(self, tensors: list[torch.Tensor]) -> list[np.ndarray]:
+        """Result tensors on the model's device -> numpy arrays on the host (from a GPU in one copy)."""
+        if self.device.type == "cpu":
+            return [tensor.numpy() for tensor in tensors]
+        return packed_host_copy(tensors)
 
     def _check_items(self, items: Sequence[tuple[ImageInput | PreparedImage, Sequence[str]]]
                      ) -> tuple[list[PreparedImage], list[list[str]]]:
@@ -318,6 +342,18 @@ class EvfPredictor:
         self._cache.move_to_end(key)
         while len(self._cache) > self.cache_size:
             self._cache.popitem(last=False)
+
+
+def packed_host_copy(tensors: Sequence[torch.Tensor]) -> list[np.ndarray]:
+    """float32 / bool tensors (float32 first, so every part stays 4-byte aligned) -> numpy arrays on the host: their
+    bytes packed into one buffer on their device, one device-to-host copy (one wait), views of its parts."""
+    packed = torch.cat([tensor.reshape(-1).view(torch.uint8) for tensor in tensors]).cpu().numpy()
+    arrays, offset = [], 0
+    for tensor in tensors:
+        size = tensor.numel() * tensor.element_size()
+        arrays.append(packed[offset:offset + size].view(_NUMPY_DTYPES[tensor.dtype]).reshape(tuple(tensor.shape)))
+        offset += size
+    return arrays
 
 
 def _chw(image: np.ndarray) -> torch.Tensor:

@@ -57,3 +57,17 @@ def test_invalid_values_are_rejected_by_name(env, name, value):
 
 def test_redact_url_without_password_is_unchanged():
     assert redact_url("redis://127.0.0.1:6379/0") == "redis://127.0.0.1:6379/0"
+
+
+@pytest.mark.parametrize("value", ["auto", "on", "off"])
+def test_prompt_graphs_switch_takes_auto_on_off(env, value):
+    env.setenv("EVF_SAM_PROMPT_GRAPHS", value)
+    assert Settings().evf_sam_prompt_graphs == value
+
+
+def test_prompt_graphs_default_to_auto_and_refuse_other_values(env):
+    env.delenv("EVF_SAM_PROMPT_GRAPHS", raising=False)
+    assert Settings().evf_sam_prompt_graphs == "auto"
+    env.setenv("EVF_SAM_PROMPT_GRAPHS", "yes")
+    with pytest.raises(ValidationError, match="EVF_SAM_PROMPT_GRAPHS"):
+        Settings()

@@ -12,7 +12,7 @@ from PIL import Image
 
 from evf_sam.errors import ImageError, PromptError
 from evf_sam.modeling import ImageFeatures
-from evf_sam.predictor import EvfPredictor, Prediction, image_key
+from evf_sam.predictor import EvfPredictor, Prediction, image_key, packed_host_copy
 from evf_sam.transforms import beit_input, sam_input, tokenize
 from tests.evf_sam.conftest import shapes_image
 
@@ -48,6 +48,47 @@ def test_predictions_follow_the_contract(family: str, multitask: bool, tiny_mode
         assert isinstance(result.score, float)
     with pytest.raises(AttributeError):
         results[0].score = 1.0  # frozen
+
+
+@pytest.mark.parametrize("family, multitask", VARIANTS)
+def test_masks_only_predictions_equal_the_thresholded_logits(family: str, multitask: bool, tiny_model) -> None:
+    model = tiny_model(family, multitask)
+    items = [(shapes_image(70, 100, seed=1), PROMPTS[:2]), (shapes_image(50, 60, seed=2), PROMPTS[2:])]
+    with_logits = EvfPredictor(model).predict_batch(items)
+    masks_only = EvfPredictor(model, return_logits=False).predict_batch(items)
+    for full, light in zip(with_logits, masks_only):
+        for f, m in zip(full, light):
+            assert m.logits is None and m.mask.dtype == bool
+            np.testing.assert_array_equal(m.mask, f.logits > 0)
+            assert m.score == f.score
+
+
+def test_packed_host_copy_gives_back_every_tensor() -> None:
+    generator = torch.Generator().manual_seed(0)
+    tensors = [torch.randn(3, generator=generator), torch.randn(2, 5, 7, generator=generator),
+               torch.rand(3, 5, 7, generator=generator) > 0.5, torch.rand(1, 3, 3, generator=generator) > 0.5]
+    for array, tensor in zip(packed_host_copy(tensors), tensors, strict=True):
+        assert array.dtype == tensor.numpy().dtype and array.shape == tuple(tensor.shape)
+        np.testing.assert_array_equal(array, tensor.numpy())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("return_logits", [True, False])
+def test_a_cuda_model_gives_the_cpu_masks_through_one_host_copy(return_logits: bool, tiny_model) -> None:
+    import copy
+
+    model = tiny_model("sam2")
+    items = [(shapes_image(70, 100, seed=1), PROMPTS[:2]), (shapes_image(50, 60, seed=2), PROMPTS[2:])]
+    want = EvfPredictor(model).predict_batch(items)
+    got = EvfPredictor(copy.deepcopy(model).cuda(), return_logits=return_logits).predict_batch(items)
+    for preds_got, preds_want in zip(got, want):
+        for g, w in zip(preds_got, preds_want):
+            assert (g.mask == w.mask).mean() > 0.999 and g.score == pytest.approx(w.score, abs=1e-4)
+            if return_logits:
+                np.testing.assert_array_equal(g.mask, g.logits > 0)
+                np.testing.assert_allclose(g.logits, w.logits, atol=1e-3, rtol=0)
+            else:
+                assert g.logits is None
 
 
 @pytest.mark.parametrize("family, multitask", VARIANTS)
