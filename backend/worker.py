@@ -14,7 +14,8 @@ that are ready by then (without waiting) and starts preparing them while the mod
 While busy, the worker heartbeats every WORKER_HEARTBEAT_INTERVAL seconds for every job it holds; a worker that dies
 mid-batch stops heartbeating, the jobs' StartedJobRegistry entries expire after WORKER_ABANDONED_AFTER seconds, and
 the next registry maintenance of any worker (RQ's abandoned-job handling) puts them back on their queues while they
-have retries left.
+have retries left. A job is marked STARTED right after its registry entry is written; should a worker die between
+the two, the next maintenance puts the job back at the front of its queue (RQ's own cleanup would drop it).
 """
 
 from __future__ import annotations
@@ -32,11 +33,11 @@ from typing import Any
 
 from redis.exceptions import RedisError
 from rq import worker_registration
-from rq.job import Job
+from rq.job import Job, JobStatus
 from rq.queue import Queue
 from rq.serializers import JSONSerializer
 from rq.timeouts import BaseDeathPenalty, JobTimeoutException, TimerDeathPenalty, UnixSignalDeathPenalty
-from rq.utils import now
+from rq.utils import as_text, current_timestamp
 from rq.worker import SimpleWorker, WorkerStatus
 
 from backend.queueing import make_queues, publish_model_info, redis_connection
@@ -69,7 +70,24 @@ class EvfWorker(SimpleWorker):
                 pipeline.execute()
             if self.announce is not None:
                 self.announce()
+        self._requeue_half_started()
         super().run_maintenance_tasks()
+
+    def _requeue_half_started(self) -> None:
+        """Put back on its queue (at the front) every job whose StartedJobRegistry entry expired while its status is
+        still QUEUED: its worker died between registering and starting it. RQ's cleanup would drop such an entry and
+        the job would never run. The worker whose ZREM removes the entry requeues it, so it is requeued once."""
+        for queue in self.queues:
+            registry = queue.started_job_registry
+            for entry in self.connection.zrangebyscore(registry.key, 0, current_timestamp()):
+                job = self.job_class.fetch_many([registry.parse_job_id(as_text(entry))], connection=self.connection,
+                                                serializer=self.serializer)[0]
+                if job is None or job.get_status(refresh=False) != JobStatus.QUEUED:
+                    continue
+                if self.connection.zrem(registry.key, entry):
+                    self.log.warning("worker %s: job %s was taken by a worker that died before starting it; "
+                                     "queued again", self.name, job.id)
+                    queue.push_job_id(job.id, at_front=True)
 
     def request_stop(self, signum: int, frame: Any) -> None:
         """SIGTERM/SIGINT: also remember the request. RQ raises StopRequested from inside the signal handler; when the
@@ -99,7 +117,7 @@ class EvfWorker(SimpleWorker):
             self.before_job()
         self._held: dict[str, tuple[Job, Queue, Any]] = {}
         self._held_lock = threading.Lock()
-        taken = [self._hold(job, queue, self.prepare_execution(job))]
+        taken = [self._take(job, queue)]
         done = threading.Event()
         beat = threading.Thread(target=self._heartbeat_while_busy, args=(done,), name="evf-heartbeat", daemon=True)
         beat.start()
@@ -118,8 +136,12 @@ class EvfWorker(SimpleWorker):
             beat.join()
         self.set_state(WorkerStatus.IDLE)
 
-    def _hold(self, job: Job, queue: Queue, execution: Any) -> tuple[Job, Queue, Any]:
-        """Heartbeat for this job from now until `_release`."""
+    def _take(self, job: Job, queue: Queue) -> tuple[Job, Queue, Any]:
+        """Start a job just taken from `queue`: its StartedJobRegistry entry, then at once its STARTED status (RQ's
+        abandoned-job handling retries only STARTED jobs; `_requeue_half_started` covers a death in between), and
+        heartbeats for it from now until `_release`."""
+        execution = self.prepare_execution(job)
+        self.prepare_job_execution(job, remove_from_intermediate_queue=len(self.queues) == 1)
         with self._held_lock:
             self._held[job.id] = (job, queue, execution)
         return job, queue, execution
@@ -141,7 +163,7 @@ class EvfWorker(SimpleWorker):
                 self.log.warning("worker %s: stopped gathering a batch: %s", self.name, error)
                 return
             if found is not None:
-                taken.append(self._hold(*found, self.prepare_execution(found[0])))
+                taken.append(self._take(*found))
                 continue
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -199,11 +221,8 @@ class EvfWorker(SimpleWorker):
             return None
 
     def _start_batch(self, batch: list[tuple[Job, Queue, Any]]) -> _Batch:
-        """Mark the jobs started, record their batch in job.meta and queue their preparation on the pool."""
+        """Record the (started) jobs' batch in job.meta and queue their preparation on the pool."""
         jobs = [job for job, _, _ in batch]
-        for job in jobs:
-            self.prepare_job_execution(job, remove_from_intermediate_queue=len(self.queues) == 1)
-            job.started_at = now()
         started = _Batch(batch, uuid.uuid4().hex[:12], min(job.timeout or self.queue_class.DEFAULT_TIMEOUT
                                                              for job in jobs))
         with self.connection.pipeline() as pipeline:

@@ -8,8 +8,9 @@ import re
 import signal
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 import httpx
 import pytest
@@ -61,6 +62,15 @@ def own_env(model_env: dict[str, str], redis_db: RedisDB, tag: str, **extra: str
     suffix = f"{redis_db.run_id}-{tag}-{time.monotonic_ns() % 10**6}"
     return {**model_env, **redis_db.env(), "QUEUE_INTERACTIVE": f"int-{suffix}", "QUEUE_BATCH": f"bat-{suffix}",
             **extra}
+
+
+def result_or_logs(call: Future, **processes: Process) -> Any:
+    """The call's result; if it raised, an AssertionError carrying the tail of each process's log."""
+    try:
+        return call.result()
+    except Exception as error:
+        logs = "\n".join(f"--- {name} ---\n{process.log()[-4000:]}" for name, process in processes.items())
+        raise AssertionError(f"{error!r}\n{logs}") from error
 
 
 def wait_until(condition: Callable[[], bool], seconds: float = 30, what: str = "condition") -> None:
@@ -153,9 +163,9 @@ def test_a_lone_job_waits_for_company_at_most_worker_batch_wait_ms(stack, image_
 
     stack.predict([task(403, image_server.image_url("red.png"))])
     lone = stack.jobs({403})[403]
-    waited = (lone.started_at - lone.enqueued_at).total_seconds()
+    took = (lone.ended_at - lone.enqueued_at).total_seconds()  # the wait for company, then the tiny model
     assert batch_of(lone)["size"] == 1
-    assert BATCH_WAIT - 0.05 <= waited < BATCH_WAIT + 1.5, waited
+    assert BATCH_WAIT - 0.05 <= took < BATCH_WAIT + 3, took
 
 
 def test_embedded_mode_batches_the_tasks_of_one_call_too(model_env, start_server, image_server):
@@ -193,7 +203,7 @@ def test_jobs_of_a_worker_killed_mid_batch_complete_on_another_and_sigterm_finis
         wait_until(lambda: len(stack.started(interactive)) == 3, what="the batch of 3 to start")
         victim.stop(signal.SIGKILL)
         survivor = start_worker(env, name=f"batch-survivor-{redis_db.run_id}")
-        results = call.result()
+        results = result_or_logs(call, victim=victim, survivor=survivor, server=server)
     assert all(result["result"] for result in results)
     jobs = stack.jobs({701, 702, 703})
     assert {job.latest_result().worker_name for job in jobs.values()} == {f"batch-survivor-{redis_db.run_id}"}
@@ -205,10 +215,32 @@ def test_jobs_of_a_worker_killed_mid_batch_complete_on_another_and_sigterm_finis
         call = pool.submit(stack.predict, slow)
         wait_until(lambda: len(stack.started(interactive)) == 2, what="the batch of 2 to start")
         survivor.popen.send_signal(signal.SIGTERM)
-        results = call.result()
+        results = result_or_logs(call, survivor=survivor, server=server)
     assert all(result["result"] for result in results)
     assert survivor.popen.wait(30) == 0
     assert {batch_of(job)["size"] for job in stack.jobs({711, 712}).values()} == {2}
+
+
+def test_a_job_whose_worker_died_between_taking_and_starting_it_runs_on_another(model_env, redis_db,
+                                                                                start_worker):
+    """A worker that dies after registering a job in the StartedJobRegistry but before marking it STARTED (a
+    window a real SIGKILL hit once in CI) must not lose it: RQ's cleanup skips jobs not STARTED. The death is
+    produced by taking the job with a worker object that never runs."""
+    from backend.worker import EvfWorker
+
+    env = own_env(model_env, redis_db, "half")
+    client = redis_db.client()
+    queue = Queue(env["QUEUE_INTERACTIVE"], connection=client, serializer=JSONSerializer)
+    queued = queue.enqueue("time.sleep", 0.01)
+    dead = EvfWorker([queue], connection=client, serializer=JSONSerializer, name=f"half-dead-{redis_db.run_id}")
+    dead.abandoned_after = 2
+    job, _ = Queue.dequeue_any([queue], None, connection=client, serializer=JSONSerializer)
+    assert job.id == queued.id
+    dead.prepare_execution(job)  # registered as started, status still "queued", and then nothing
+    survivor = start_worker(env, name=f"half-survivor-{redis_db.run_id}")
+    wait_until(lambda: queued.get_status(refresh=True) == "finished", what="the half-started job to run")
+    assert queued.latest_result().worker_name == f"half-survivor-{redis_db.run_id}"
+    assert "queued again" in survivor.log()
 
 
 def test_a_stream_of_batches_answers_every_job_with_its_own_result(stack, image_server):
