@@ -73,22 +73,24 @@ def test_packed_host_copy_gives_back_every_tensor() -> None:
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("return_logits", [True, False])
-def test_a_cuda_model_gives_the_cpu_masks_through_one_host_copy(return_logits: bool, tiny_model) -> None:
+def test_a_cuda_model_sends_masks_scores_and_logits_through_one_host_copy(tiny_model) -> None:
     import copy
 
     model = tiny_model("sam2")
     items = [(shapes_image(70, 100, seed=1), PROMPTS[:2]), (shapes_image(50, 60, seed=2), PROMPTS[2:])]
-    want = EvfPredictor(model).predict_batch(items)
-    got = EvfPredictor(copy.deepcopy(model).cuda(), return_logits=return_logits).predict_batch(items)
-    for preds_got, preds_want in zip(got, want):
-        for g, w in zip(preds_got, preds_want):
-            assert (g.mask == w.mask).mean() > 0.999 and g.score == pytest.approx(w.score, abs=1e-4)
-            if return_logits:
-                np.testing.assert_array_equal(g.mask, g.logits > 0)
-                np.testing.assert_allclose(g.logits, w.logits, atol=1e-3, rtol=0)
-            else:
-                assert g.logits is None
+    on_cpu = EvfPredictor(model).predict_batch(items)
+    on_cuda = copy.deepcopy(model).cuda()
+    full = EvfPredictor(on_cuda).predict_batch(items)
+    light = EvfPredictor(on_cuda, return_logits=False).predict_batch(items)
+    for preds_cpu, preds_full, preds_light in zip(on_cpu, full, light):
+        for c, f, m in zip(preds_cpu, preds_full, preds_light):
+            assert f.logits.dtype == np.float32 and f.logits.shape == c.logits.shape
+            np.testing.assert_array_equal(f.mask, f.logits > 0)
+            assert m.logits is None
+            np.testing.assert_array_equal(m.mask, f.mask)
+            assert m.score == f.score
+            # TF32 convolutions on the GPU: close to the CPU, not equal
+            assert (f.mask == c.mask).mean() > 0.98 and f.score == pytest.approx(c.score, abs=1e-2)
 
 
 @pytest.mark.parametrize("family, multitask", VARIANTS)
