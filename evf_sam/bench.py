@@ -266,6 +266,8 @@ def _time_prompt_path(model, images: list[np.ndarray], device: torch.device) -> 
         # what the worker gains: it used to take the eager path with float32 logits
         result["speedup_p50_vs_eager_logits"] = result["eager_logits"]["p50_ms"] / result["graphs_masks"]["p50_ms"]
         result["captured_buckets"] = [list(bucket) for bucket in graphs.buckets]
+        if graphs.failure is not None:
+            result["graphs"] = f"capture failed, eager: {graphs.failure}"
     model.prompt_graphs = graphs
     return result
 

@@ -74,7 +74,7 @@ class PromptGraphs:
     then calls `run` when `supports(model)`. Graphs read the weights where they were at capture: in-place updates
     (`load_state_dict`, optimiser steps) are seen by the next replay, while moving or casting the model reallocates
     them, so every graph is dropped and captured again. Should a capture fail, the graphs are switched off with one
-    warning and `run` computes eagerly.
+    warning, `failure` says why and `run` computes eagerly.
     """
 
     def __init__(self) -> None:
@@ -83,7 +83,7 @@ class PromptGraphs:
         self._pool: Any = None
         self._stream: Any = None  # warm-ups and captures run on one side stream (so captures share memory well)
         self._weights: tuple[Any, ...] = ()
-        self._failed = False
+        self.failure: str | None = None  # why graphs were switched off, if they were
         self._lock = threading.Lock()
 
     def __deepcopy__(self, memo: dict[int, Any]) -> PromptGraphs:
@@ -141,7 +141,7 @@ class PromptGraphs:
     def _graph(self, model: Any, rows: int, columns: int, beit: torch.Tensor,
                features: ImageFeatures) -> _Captured | None:
         """The graph of this bucket, captured on first use; None once a capture has failed."""
-        if self._failed:
+        if self.failure is not None:
             return None
         weights = tuple((p.data_ptr(), p.dtype) for p in (next(model.mm_extractor.parameters()),
                                                            model.text_hidden_fcs[0][0].weight))
@@ -156,7 +156,7 @@ class PromptGraphs:
                 captured = self._capture(model, rows, columns, beit, features)
             except Exception as error:  # noqa: BLE001 - an optional speed-up: fall back to the eager path
                 log.warning("CUDA graphs of the prompt path switched off, the prompt path runs eagerly: %s", error)
-                self._failed = True
+                self.failure = f"{type(error).__name__}: {error}"
                 self._graphs.clear()
                 self._images.clear()
                 return None

@@ -129,3 +129,21 @@ def test_autocast_and_masks_only_run_without_graphs_or_logits(tiny_model) -> Non
     for got, want in zip(masks_only, eager.predict(image, PROMPTS[:2])):
         assert got.logits is None
         assert (got.mask == want.mask).mean() > 0.999
+
+
+@cuda
+def test_a_failed_capture_switches_the_graphs_off_and_answers_eagerly(tiny_model, monkeypatch) -> None:
+    eager, graphed, graphs = _on_cuda(tiny_model, "sam")
+    decode = graphed.model.decode_masks
+
+    def syncing(features, tokens, index):
+        tokens.sum().item()  # waits for the device: not allowed while a graph is captured
+        return decode(features, tokens, index)
+
+    monkeypatch.setattr(graphed.model, "decode_masks", syncing)
+    image = shapes_image(64, 64)
+    got = graphed.predict(image, PROMPTS[:1])[0]
+    assert graphs.failure is not None and graphs.buckets == []
+    np.testing.assert_allclose(got.logits, eager.predict(image, PROMPTS[:1])[0].logits, atol=1e-4, rtol=0)
+    graphed.predict(image, PROMPTS[1:2])  # later calls go straight to the eager path
+    assert graphs.buckets == []
