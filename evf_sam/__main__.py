@@ -15,7 +15,7 @@ from evf_sam.errors import EvfError
 
 COMMANDS = {
     "predict": ("evf_sam.cli_predict", "segment an image with text prompts; writes mask PNGs and an overlay"),
-    "train": ("evf_sam.train", "fine-tune a checkpoint on a dataset directory (images/, masks/, records.jsonl)"),
+    "train": ("evf_sam.cli_train", "fine-tune a checkpoint on a dataset directory (images/, masks/, records.jsonl)"),
     "eval": ("evf_sam.evaluate", "measure cIoU / gIoU of a checkpoint on a dataset directory"),
     "bench": ("evf_sam.bench", "GPU throughput against an official-style baseline"),
 }

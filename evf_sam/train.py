@@ -14,12 +14,10 @@ depends only on (seed, epoch).
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
 import random
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,10 +25,11 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from evf_sam.data.layout import LayoutDataset, Record, SampleDataset
-from evf_sam.evaluate import evaluate_dataset, prompt_text
+from evf_sam.data.layout import LayoutDataset, SampleDataset, concat_datasets
+from evf_sam.data.prompt_samples import PromptSamples, collate, epoch_order
+from evf_sam.evaluate import evaluate_dataset
+from evf_sam.losses import mask_losses
 from evf_sam.metrics import SplitMetrics
 
 STATE_FILE = "train_state.pt"
@@ -88,124 +87,6 @@ def set_trainable(model: torch.nn.Module, parts: Sequence[str]) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------------- losses
-
-
-def dice_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1.0) -> torch.Tensor:
-    """Mean over masks of 1 - (2 Σ p t + eps) / (Σ p + Σ t + eps), p = sigmoid(logits); [N,H,W] inputs."""
-    prob = logits.sigmoid().flatten(1)
-    target = target.flatten(1)
-    numerator = 2 * (prob * target).sum(1) + eps
-    return (1 - numerator / (prob.sum(1) + target.sum(1) + eps)).mean()
-
-
-def mask_losses(low_res: torch.Tensor, batch: dict[str, Any], sam_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(BCE, Dice) of low-res logits [T,1,h,w] against the full-size masks, upsampled as at inference.
-
-    Prompts are grouped by (original size, resize shape) so each group is upsampled in one call; each loss is the
-    mean over prompts (BCE: mean over pixels first).
-    """
-    from evf_sam.transforms import postprocess_logits
-
-    groups: dict[tuple, list[int]] = {}
-    for row, key in enumerate(zip(batch["original_size"], batch["resize_shape"])):
-        groups.setdefault(key, []).append(row)
-    bce = low_res.new_zeros(())
-    dice = low_res.new_zeros(())
-    for (size, resize), rows in groups.items():
-        index = torch.tensor(rows, device=low_res.device)
-        logits = postprocess_logits(low_res.index_select(0, index), size, sam_size, resize)
-        target = torch.stack([batch["masks"][r] for r in rows]).to(logits.device, torch.float32)
-        bce = bce + F.binary_cross_entropy_with_logits(logits, target, reduction="none").mean((1, 2)).sum()
-        dice = dice + dice_loss(logits, target) * len(rows)
-    count = low_res.shape[0]
-    return bce / count, dice / count
-
-
-# ---------------------------------------------------------------------------------------------------- data
-
-
-class PromptSamples(torch.utils.data.Dataset):
-    """(image, expression) records of a SampleDataset as model inputs, preprocessed by `evf_sam.transforms`."""
-
-    def __init__(self, dataset: SampleDataset, sam_size: int, sam_mode: str, beit_size: int,
-                 multitask: bool, preload: bool = False) -> None:
-        self.dataset = dataset
-        self.sam_size, self.sam_mode, self.beit_size, self.multitask = sam_size, sam_mode, beit_size, multitask
-        paths = [str(dataset.image_path(r)) for r in dataset.records]
-        ids = {p: i for i, p in enumerate(dict.fromkeys(paths))}
-        self.image_ids = [ids[p] for p in paths]
-        self.preload = preload
-        self._images: dict[int, tuple[Any, torch.Tensor]] = {}
-        self._masks: dict[int, torch.Tensor] = {}
-        self._last: tuple[int, tuple[Any, torch.Tensor]] | None = None
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def _image(self, index: int) -> tuple[Any, torch.Tensor]:
-        from evf_sam.transforms import beit_input, load_image, sam_input
-
-        image_id = self.image_ids[index]
-        if image_id in self._images:
-            return self._images[image_id]
-        if self._last is not None and self._last[0] == image_id:  # consecutive expressions of one image
-            return self._last[1]
-        image = load_image(self.dataset.load_image(self.dataset.records[index]))
-        prepared = (sam_input(image, self.sam_size, self.sam_mode), beit_input(image, self.beit_size))
-        if self.preload:
-            self._images[image_id] = prepared
-        self._last = (image_id, prepared)
-        return prepared
-
-    def _mask(self, index: int) -> torch.Tensor:
-        if index not in self._masks:
-            mask = torch.from_numpy(self.dataset.load_mask(self.dataset.records[index]).astype(np.uint8))
-            if not self.preload:
-                return mask
-            self._masks[index] = mask
-        return self._masks[index]
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        record: Record = self.dataset.records[index]
-        prepared, beit = self._image(index)
-        mask = self._mask(index)
-        if tuple(mask.shape) != prepared.original_size:
-            raise ValueError(f"mask of {record.prompt!r} is {tuple(mask.shape)}, its image {prepared.original_size}")
-        return {"pixels": prepared.pixels, "beit": beit, "mask": mask, "prompt": prompt_text(record, self.multitask),
-                "image_id": self.image_ids[index], "original_size": prepared.original_size,
-                "resize_shape": prepared.resize_shape}
-
-
-def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
-    """Samples -> one batch: distinct images once (`pixels`, `beit`, `image_ids`), per prompt `image_index`."""
-    unique: dict[int, int] = {}
-    pixels, beit = [], []
-    for s in samples:
-        if s["image_id"] not in unique:
-            unique[s["image_id"]] = len(unique)
-            pixels.append(s["pixels"])
-            beit.append(s["beit"])
-    return {"pixels": torch.stack(pixels), "image_ids": list(unique),
-            "image_index": torch.tensor([unique[s["image_id"]] for s in samples], dtype=torch.long),
-            "beit": torch.stack(beit), "prompts": [s["prompt"] for s in samples],
-            "masks": [s["mask"] for s in samples], "original_size": [s["original_size"] for s in samples],
-            "resize_shape": [s["resize_shape"] for s in samples]}
-
-
-def epoch_order(size: int, seed: int, epoch: int, groups: Sequence[int] | None = None) -> list[int]:
-    """The sample order of `epoch`, a function of (seed, epoch) only, so resuming reproduces it.
-
-    With `groups` (a group id per sample, e.g. its image), whole groups are shuffled and each group's samples stay
-    together: a batch then holds all expressions of fewer images, so each image is preprocessed and encoded once.
-    """
-    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
-    if groups is None:
-        return torch.randperm(size, generator=generator).tolist()
-    members: dict[int, list[int]] = {}
-    for index, group in enumerate(groups):
-        members.setdefault(group, []).append(index)
-    keys = list(members)
-    return [i for g in torch.randperm(len(keys), generator=generator).tolist() for i in members[keys[g]]]
 
 
 # ---------------------------------------------------------------------------------------------------- schedule
@@ -357,12 +238,12 @@ def train(checkpoint: str | os.PathLike, data: str | os.PathLike | Sequence[str 
     model.train()
 
     roots = [data] if isinstance(data, (str, os.PathLike)) else list(data)
-    train_set = _concat([LayoutDataset(root, train_split) for root in roots])
+    train_set = concat_datasets([LayoutDataset(root, train_split) for root in roots])
     if len(train_set) == 0:
         raise ValueError(f"no training records in {[str(r) for r in roots]} (split {train_split!r})")
     val_set = None
     if val_split is not None or val_data is not None:
-        val_set = _concat([LayoutDataset(val_data, val_split)] if val_data is not None
+        val_set = concat_datasets([LayoutDataset(val_data, val_split)] if val_data is not None
                           else [LayoutDataset(root, val_split) for root in roots])
     samples = PromptSamples(train_set, model.sam_image_size, sam_mode(model), model.beit_image_size,
                             model.is_multitask, preload=preload)
@@ -477,93 +358,3 @@ def _record_val(history: dict[str, list[dict[str, float]]], model: Any, dataset:
     result = validate(model, dataset, "val", images_per_batch)
     if result:
         history["val"].append({"step": step, "epoch": epoch, **result})
-
-
-class _Concat(SampleDataset):
-    """Several layout datasets read as one (records keep their own roots)."""
-
-    def __init__(self, parts: Sequence[LayoutDataset]) -> None:
-        self.parts = list(parts)
-        self.records = [r for p in self.parts for r in p.records]
-        self._owner = {id(r): p for p in self.parts for r in p.records}
-
-    def _part(self, record: Record) -> LayoutDataset:
-        return self._owner[id(record)]
-
-    def image_path(self, record: Record) -> Path:
-        return self._part(record).image_path(record)
-
-    def load_mask(self, record: Record) -> np.ndarray:
-        return self._part(record).load_mask(record)
-
-
-def _concat(parts: Sequence[LayoutDataset]) -> SampleDataset:
-    return parts[0] if len(parts) == 1 else _Concat(parts)
-
-
-# ---------------------------------------------------------------------------------------------------- CLI
-
-
-def configure_parser(parser: argparse.ArgumentParser) -> None:
-    """Arguments of `python -m evf_sam train`."""
-    parser.description = ("Fine-tune an EVF-SAM checkpoint on datasets in the project layout (images/, masks/, "
-                          "records.jsonl): BCE + Dice at full mask resolution, AdamW, warm-up + cosine, "
-                          "validation cIoU/gIoU per epoch. Writes a loadable checkpoint to --output.")
-    parser.add_argument("--checkpoint", required=True, help="starting checkpoint (directory or HF repo id)")
-    parser.add_argument("--data", required=True, nargs="+", help="one or more dataset directories")
-    parser.add_argument("--output", required=True, type=Path, help="output directory (checkpoint + train state)")
-    parser.add_argument("--train-split", default="train", help="records used for training ('' = all; default train)")
-    parser.add_argument("--val-split", default="val", help="records used for validation ('' = none; default val)")
-    parser.add_argument("--val-data", default=None, help="take validation records from this directory instead")
-    parser.add_argument("--train", dest="trainable", default=None,
-                        help=f"comma-separated trainable parts among {', '.join(PARTS)} (default: projector,beit3,"
-                             f"mask_decoder for SAM-1, projector,beit3 for SAM-2). image_encoder is for training "
-                             f"from scratch only; fine-tuning real checkpoints keeps it frozen as in the paper")
-    parser.add_argument("--epochs", type=int, default=1, help="epochs (default 1; ignored with --steps)")
-    parser.add_argument("--steps", type=int, default=None, help="optimizer steps (overrides --epochs)")
-    parser.add_argument("--batch-size", type=int, default=8, help="prompts per batch (default 8)")
-    parser.add_argument("--grad-accum", type=int, default=1, help="batches per optimizer step (default 1)")
-    parser.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (default 1e-4)")
-    parser.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (default 0.01)")
-    parser.add_argument("--warmup-steps", type=int, default=100, help="linear warm-up steps (default 100)")
-    parser.add_argument("--bce-weight", type=float, default=2.0, help="weight of the BCE loss (default 2.0)")
-    parser.add_argument("--dice-weight", type=float, default=0.5, help="weight of the Dice loss (default 0.5)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                        help="torch device (default: cuda if available, else cpu)")
-    parser.add_argument("--no-bf16", action="store_true", help="disable bf16 autocast on CUDA")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the data order and RNGs (default 0)")
-    parser.add_argument("--workers", type=int, default=0, help="data loader worker processes (default 0)")
-    parser.add_argument("--no-feature-cache", action="store_true",
-                        help="recompute frozen image embeddings every time instead of caching them per image")
-    parser.add_argument("--preload", action="store_true",
-                        help="keep preprocessed images and masks in memory after first use (small datasets)")
-    parser.add_argument("--save-every", type=int, default=None, help="also save the train state every N steps")
-    parser.add_argument("--resume", action="store_true", help="continue from OUTPUT/train_state.pt if present")
-    parser.add_argument("--stop-after", type=int, default=None,
-                        help="end this session after N optimizer steps in total (resume later with --resume)")
-    parser.add_argument("--time-limit", type=float, default=None,
-                        help="end the session after this many seconds (state saved; resume later with --resume)")
-    parser.add_argument("--save-dtype", default="fp32", help="storage dtype of the output weights: fp32|bf16|fp16")
-    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-
-
-def main(args: argparse.Namespace) -> int:
-    """Run the training described by parsed `args`; 0 on success, 2 on bad input."""
-    from evf_sam.errors import EvfError
-
-    try:
-        result = train(args.checkpoint, args.data, args.output, train_split=args.train_split or None,
-                       val_split=args.val_split or None, val_data=args.val_data, trainable=args.trainable,
-                       epochs=args.epochs, max_steps=args.steps, batch_size=args.batch_size,
-                       grad_accum=args.grad_accum, lr=args.lr, weight_decay=args.weight_decay,
-                       warmup_steps=args.warmup_steps, bce_weight=args.bce_weight, dice_weight=args.dice_weight,
-                       device=args.device, bf16=not args.no_bf16, seed=args.seed, num_workers=args.workers,
-                       cache_features=not args.no_feature_cache, save_every=args.save_every, resume=args.resume,
-                       stop_after=args.stop_after, time_limit_s=args.time_limit, preload=args.preload,
-                       save_dtype=args.save_dtype, progress=not args.no_progress)
-    except (EvfError, FileNotFoundError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    metrics = ", ".join(f"{k} {v:.4f}" for k, v in result.final_metrics.items()) or "no validation split"
-    print(f"trained {result.steps} steps -> {result.checkpoint} ({metrics})")
-    return 0

@@ -29,7 +29,8 @@ import torch.nn.functional as F
 
 from evf_sam.data.resident import ResidentData
 from evf_sam.data.stream import SyntheticStream
-from evf_sam.train import dice_loss, lr_factor
+from evf_sam.losses import dice_loss
+from evf_sam.train import lr_factor
 
 
 @dataclass

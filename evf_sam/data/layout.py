@@ -258,3 +258,26 @@ class LayoutDataset(SampleDataset):
 
     def load_mask(self, record: Record) -> np.ndarray:
         return load_mask(self.root / record.mask)
+
+
+class ConcatDataset(SampleDataset):
+    """Several layout datasets read as one (records keep their own roots)."""
+
+    def __init__(self, parts: Sequence[LayoutDataset]) -> None:
+        self.parts = list(parts)
+        self.records = [r for p in self.parts for r in p.records]
+        self._owner = {id(r): p for p in self.parts for r in p.records}
+
+    def _part(self, record: Record) -> LayoutDataset:
+        return self._owner[id(record)]
+
+    def image_path(self, record: Record) -> Path:
+        return self._part(record).image_path(record)
+
+    def load_mask(self, record: Record) -> np.ndarray:
+        return self._part(record).load_mask(record)
+
+
+def concat_datasets(parts: Sequence[LayoutDataset]) -> SampleDataset:
+    """One dataset reading all of `parts` (the part itself when there is one)."""
+    return parts[0] if len(parts) == 1 else ConcatDataset(parts)

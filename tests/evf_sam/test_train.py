@@ -14,8 +14,9 @@ from safetensors.torch import load_file
 import evf_sam
 from evf_sam.evaluate import evaluate
 from evf_sam.data.layout import Record, save_image, save_mask, write_records
-from evf_sam.train import (CURVES_FILE, HISTORY_FILE, STATE_FILE, configure_parser, dice_loss, lr_factor, main,
-                           parse_parts, train)
+from evf_sam.cli_train import configure_parser, main
+from evf_sam.losses import dice_loss
+from evf_sam.train import CURVES_FILE, HISTORY_FILE, STATE_FILE, lr_factor, parse_parts, train
 
 
 @pytest.fixture(scope="module")
