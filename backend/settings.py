@@ -63,10 +63,11 @@ class Settings(BaseSettings):
         description='SAM-1 ViT attention through one fused SDPA kernel (same results, less memory traffic): "auto" '
                     '(on when the model is on CUDA), "on" or "off".')
     evf_sam_prompt_graphs: Literal["auto", "on", "off"] = Field(
-        "auto", validation_alias="EVF_SAM_PROMPT_GRAPHS",
+        "off", validation_alias="EVF_SAM_PROMPT_GRAPHS",
         description='A new prompt on a cached image through CUDA graphs of BEiT-3 + mask decoder (same results, far '
-                    'fewer kernel launches; each new prompt-count/text-length bucket is captured once, under a '
-                    'second): "auto" (on when the model is on CUDA), "on" (CUDA only; elsewhere eager) or "off".')
+                    'fewer kernel launches; each new prompt-count/text-length bucket is captured once): "off" '
+                    '(default until it has been verified on a GPU, docs/PERFORMANCE.md), "auto" (on when the model '
+                    'is on CUDA), "on" (CUDA only; elsewhere eager).')
     evf_sam_compile: bool = Field(
         False, validation_alias="EVF_SAM_COMPILE",
         description="torch.compile the SAM image encoder (faster on GPUs; each new image batch size compiles once, "
