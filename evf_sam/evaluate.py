@@ -102,7 +102,7 @@ def evaluate(checkpoint: str | os.PathLike, data: str | os.PathLike, split: str 
     import evf_sam
 
     model = evf_sam.load_model(checkpoint, device=device, dtype=dtype)
-    predictor = evf_sam.EvfPredictor(model, cache_size=0, max_image_batch=images_per_batch)
+    predictor = evf_sam.EvfPredictor(model, cache_size=0, max_image_batch=images_per_batch, return_logits=False)
     metrics = SplitMetrics()
     for name, dataset in open_datasets(data, split, refer_root).items():
         evaluate_dataset(predictor, dataset, name, metrics, images_per_batch, progress)

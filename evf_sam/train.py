@@ -185,8 +185,8 @@ def validate(model: Any, dataset: SampleDataset | None, name: str, images_per_ba
     was_training = model.training
     model.eval()
     try:
-        metrics = evaluate_dataset(EvfPredictor(model, cache_size=0, max_image_batch=images_per_batch), dataset,
-                                   name, SplitMetrics(), images_per_batch)
+        predictor = EvfPredictor(model, cache_size=0, max_image_batch=images_per_batch, return_logits=False)
+        metrics = evaluate_dataset(predictor, dataset, name, SplitMetrics(), images_per_batch)
     finally:
         model.train(was_training)
     result = metrics.results()[name]
