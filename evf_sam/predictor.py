@@ -22,12 +22,11 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from evf_sam.errors import ImageError, PromptError
 from evf_sam.modeling.common import ImageFeatures
-from evf_sam.transforms import (BEIT_MEAN, BEIT_STD, ImageInput, beit_input, check_prompts, load_image,
-                                normalize_sam, postprocess_logits, resize_longest_side, sam_input, sam_mode, tokenize)
+from evf_sam.transforms import (ImageInput, beit_float_steps, beit_input, check_prompts, load_image,
+                                postprocess_logits, sam_float_steps, sam_host_steps, sam_input, sam_mode, tokenize)
 
 
 @dataclass(frozen=True, eq=False)
@@ -302,13 +301,9 @@ class EvfPredictor:
         if self.preprocess_device is None:
             sam = sam_input(image, size, mode)
             host = _HostInputs(sam.pixels, beit_input(image, model.beit_image_size), sam.resize_shape)
-        elif mode == "head":  # the uint8 stretch runs on the CPU in the reference path too (transforms.sam_input)
-            stretched = F.interpolate(_chw(image)[None], (size, size), mode="bilinear", align_corners=False)[0]
-            host = _HostInputs(stretched.contiguous(), _chw(image).contiguous(), None)
         else:
-            resized = resize_longest_side(image, size)
-            host = _HostInputs(_chw(resized).contiguous(), _chw(image).contiguous(),
-                               (resized.shape[0], resized.shape[1]) if mode == "sam" else None)
+            pixels, resize_shape = sam_host_steps(image, size, mode)
+            host = _HostInputs(pixels.contiguous(), _chw(image).contiguous(), resize_shape)
         return host.pinned() if self.device.type == "cuda" else host
 
     def _device_inputs(self, host: _HostInputs) -> tuple[torch.Tensor, torch.Tensor]:
@@ -318,22 +313,9 @@ class EvfPredictor:
         sam, beit = host.sam.to(device, non_blocking=True), host.beit.to(device, non_blocking=True)
         if self.preprocess_device is None:
             return sam, beit
-        from torchvision.transforms import InterpolationMode
-        from torchvision.transforms import functional as TF
-
-        size, mode = self.model.sam_image_size, sam_mode(self.model)
-        pixels = normalize_sam(sam.float())
-        if mode == "legacy":
-            pixels = F.interpolate(pixels[None], (size, size), mode="bilinear", align_corners=False)[0]
-        elif mode == "sam":
-            pixels = F.pad(pixels, (0, size - pixels.shape[2], 0, size - pixels.shape[1]))
-        beit_size = self.model.beit_image_size
-        beit = TF.resize(beit.float().div(255), [beit_size, beit_size], interpolation=InterpolationMode.BICUBIC,
-                         antialias=False)
-        # TF.normalize's arithmetic without its std == 0 check, which would wait for the device on every image.
-        mean = torch.tensor(BEIT_MEAN, device=device).reshape(3, 1, 1)
-        std = torch.tensor(BEIT_STD, device=device).reshape(3, 1, 1)
-        return pixels, beit.sub(mean).div(std)
+        model = self.model
+        return (sam_float_steps(sam, model.sam_image_size, sam_mode(model)),
+                beit_float_steps(beit, model.beit_image_size))
 
     def _remember(self, key: str, entry: _Encoded) -> None:
         if self.cache_size == 0:

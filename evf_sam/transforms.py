@@ -11,7 +11,9 @@ Prompts become right-padded token ids and an attention mask (`tokenize`); low-re
 original size with `postprocess_logits`.
 
 The CPU path is the reference. With `device=` the float steps run on that device (uploads stay uint8); the results
-then agree with the reference up to floating-point rounding of the resize kernels.
+then agree with the reference up to floating-point rounding of the resize kernels. The same steps are exposed split
+in two (`sam_host_steps` / `sam_float_steps`, `beit_float_steps`) for `EvfPredictor`, which runs the uint8 part on
+a CPU thread and the float part on the model's device.
 """
 
 from __future__ import annotations
@@ -153,21 +155,34 @@ def _to_chw(image: np.ndarray, device: torch.device | str | None) -> torch.Tenso
     return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).to(device)
 
 
-def sam_input(image: np.ndarray, size: int, mode: str = "sam", device: torch.device | str | None = None) -> SamInput:
-    """uint8 RGB [H,W,3] -> the normalised SAM input [3,size,size] for `mode` ("sam" | "legacy" | "head")."""
+def sam_host_steps(image: np.ndarray, size: int, mode: str = "sam") -> tuple[torch.Tensor, tuple[int, int] | None]:
+    """The uint8 steps of `sam_input`, which run on the CPU: the longest-side resize ("sam", "legacy") or the uint8
+    stretch to size x size ("head") -> (uint8 [3,h,w], resize_shape: (h,w) for "sam", else None)."""
     if mode not in SAM_MODES:
         raise ValueError(f"mode must be one of {SAM_MODES}, got {mode!r}")
-    original = (int(image.shape[0]), int(image.shape[1]))
     if mode == "head":  # the uint8 kernel (fixed-point) is what the official code ran; keep it on the CPU
         stretched = F.interpolate(_to_chw(image, "cpu")[None], (size, size), mode="bilinear", align_corners=False)
-        return SamInput(normalize_sam(stretched[0].to(device).float()), original, None)
+        return stretched[0], None
     resized = resize_longest_side(image, size)
-    pixels = normalize_sam(_to_chw(resized, device).float())
+    return _to_chw(resized, "cpu"), (resized.shape[0], resized.shape[1]) if mode == "sam" else None
+
+
+def sam_float_steps(pixels: torch.Tensor, size: int, mode: str = "sam") -> torch.Tensor:
+    """The float steps of `sam_input` on `pixels`' device: uint8 [3,h,w] from `sam_host_steps` -> normalised float32
+    [3,size,size] (then a bilinear stretch for "legacy", zero padding bottom/right for "sam")."""
+    pixels = normalize_sam(pixels.float())
     if mode == "legacy":
-        pixels = F.interpolate(pixels[None], (size, size), mode="bilinear", align_corners=False)[0]
-        return SamInput(pixels, original, None)
-    height, width = resized.shape[:2]
-    return SamInput(F.pad(pixels, (0, size - width, 0, size - height)), original, (height, width))
+        return F.interpolate(pixels[None], (size, size), mode="bilinear", align_corners=False)[0]
+    if mode == "sam":
+        return F.pad(pixels, (0, size - pixels.shape[2], 0, size - pixels.shape[1]))
+    return pixels
+
+
+def sam_input(image: np.ndarray, size: int, mode: str = "sam", device: torch.device | str | None = None) -> SamInput:
+    """uint8 RGB [H,W,3] -> the normalised SAM input [3,size,size] for `mode` ("sam" | "legacy" | "head")."""
+    host, resize_shape = sam_host_steps(image, size, mode)
+    return SamInput(sam_float_steps(host.to(device), size, mode), (int(image.shape[0]), int(image.shape[1])),
+                    resize_shape)
 
 
 def sam_mode(model: Any) -> str:
@@ -181,12 +196,20 @@ def sam_mode(model: Any) -> str:
 def beit_input(image: np.ndarray, size: int = 224, device: torch.device | str | None = None) -> torch.Tensor:
     """uint8 RGB [H,W,3] -> float32 [3,size,size]: ToTensor, bicubic resize of the tensor (no antialias, no clamp),
     Normalize(0.5, 0.5). The aspect ratio is not preserved."""
+    return beit_float_steps(_to_chw(image, device), size)
+
+
+def beit_float_steps(pixels: torch.Tensor, size: int = 224) -> torch.Tensor:
+    """`beit_input` from uint8 [3,H,W] on any device. The normalisation is TF.normalize's arithmetic without its
+    std == 0 check, which would wait for a GPU on every image."""
     from torchvision.transforms import InterpolationMode
     from torchvision.transforms import functional as TF
 
-    pixels = _to_chw(image, device).float().div(255)
-    pixels = TF.resize(pixels, [size, size], interpolation=InterpolationMode.BICUBIC, antialias=False)
-    return TF.normalize(pixels, BEIT_MEAN, BEIT_STD)
+    pixels = TF.resize(pixels.float().div(255), [size, size], interpolation=InterpolationMode.BICUBIC,
+                       antialias=False)
+    mean = torch.tensor(BEIT_MEAN, device=pixels.device).reshape(3, 1, 1)
+    std = torch.tensor(BEIT_STD, device=pixels.device).reshape(3, 1, 1)
+    return pixels.sub(mean).div(std)
 
 
 # ---------------------------------------------------------------------------------------------------- text
