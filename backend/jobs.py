@@ -24,6 +24,8 @@ import hashlib
 import logging
 import threading
 import time
+import weakref
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -63,7 +65,8 @@ class Runtime:
 
 _runtimes: dict[tuple[str, str, str, str], Runtime] = {}
 _runtime_lock = threading.Lock()
-_fetchers: dict[str | None, Any] = {}
+FETCHER_CACHE_SIZE = 32  # LS base URLs whose ImageFetcher is kept (hostnames come from requests)
+_fetchers: OrderedDict[str | None, Any] = OrderedDict()  # least recently used first
 _fetcher_lock = threading.Lock()
 _pool: ThreadPoolExecutor | None = None
 _pool_lock = threading.Lock()
@@ -124,21 +127,31 @@ def _load_runtime(settings: Settings, checkpoint: str) -> Runtime:
 
 
 def _get_fetcher(settings: Settings, hostname: str | None) -> Any:
-    """One ImageFetcher per LS base URL. Credentials go only with the configured LABEL_STUDIO_URL."""
+    """One ImageFetcher per LS base URL, for the FETCHER_CACHE_SIZE most recently used ones. Credentials go only
+    with the configured LABEL_STUDIO_URL."""
     from backend.ls_auth import LabelStudioAuth
     from backend.media import ImageFetcher
 
     ls_url = settings.label_studio_url or (hostname.rstrip("/") if hostname else None)
     with _fetcher_lock:
-        if ls_url not in _fetchers:
-            auth = None
-            if settings.label_studio_url and settings.label_studio_api_key:
-                auth = LabelStudioAuth(settings.label_studio_url, settings.label_studio_api_key.get_secret_value())
-            _fetchers[ls_url] = ImageFetcher(
-                ls_url, auth, local_files_root=settings.local_files_document_root,
-                allowed_hosts=settings.media_allowed_hosts, max_bytes=settings.max_image_bytes,
-                max_pixels=settings.max_image_pixels, timeout=settings.media_timeout)
-        return _fetchers[ls_url]
+        fetcher = _fetchers.get(ls_url)
+        if fetcher is not None:
+            _fetchers.move_to_end(ls_url)
+            return fetcher
+        auth = None
+        if settings.label_studio_url and settings.label_studio_api_key:
+            auth = LabelStudioAuth(settings.label_studio_url, settings.label_studio_api_key.get_secret_value())
+        fetcher = ImageFetcher(
+            ls_url, auth, local_files_root=settings.local_files_document_root,
+            allowed_hosts=settings.media_allowed_hosts, max_bytes=settings.max_image_bytes,
+            max_pixels=settings.max_image_pixels, timeout=settings.media_timeout)
+        # An evicted fetcher may still be fetching on another thread, so it is not closed at eviction: its
+        # connections close when its last user lets it go.
+        weakref.finalize(fetcher, fetcher._client.close)
+        _fetchers[ls_url] = fetcher
+        if len(_fetchers) > FETCHER_CACHE_SIZE:
+            _fetchers.popitem(last=False)
+        return fetcher
 
 
 def predict_task(payload: dict[str, Any]) -> dict[str, Any]:
