@@ -292,7 +292,8 @@ def train_resident(model: Any, data: ResidentData, recipe: ResidentRecipe, *,
                 entry["fresh_images"] = stream.rendered
             history.train.append(entry)
             shown = ("loss", "iou", "aux_iou", "prompt_grid_iou")
-            bar.set_postfix({k: f"{entry[k]:.3f}" for k in shown if k in entry})
+            bar.set_postfix({**{k: f"{entry[k]:.3f}" for k in shown if k in entry},
+                             **({"fresh": entry["fresh_images"]} if stream is not None else {})})
             totals = {}
         if validate is not None and (step % val_every == 0 or finished):
             model.eval()
