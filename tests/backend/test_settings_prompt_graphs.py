@@ -1,4 +1,4 @@
-"""EVF_SAM_PROMPT_GRAPHS reaches the model the jobs load: off by default, graphs attached when "on" ("auto" only on
+"""EVF_SAM_PROMPT_GRAPHS reaches the model the jobs load: graphs attached when "on" ("auto" only on
 CUDA), and a CPU model still answers through the eager prompt path; jobs ask for masks and scores only."""
 
 from __future__ import annotations
@@ -22,9 +22,3 @@ def test_the_jobs_model_gets_prompt_graphs_as_configured(monkeypatch, tiny_check
     assert prediction.logits is None and prediction.mask.shape == (48, 64) and prediction.mask.dtype == np.bool_
     if attached:
         assert predictor.model.prompt_graphs.buckets == []  # the CPU runs the eager path: nothing was captured
-
-
-def test_prompt_graphs_are_off_unless_asked_for(monkeypatch, tiny_checkpoint):
-    """Off by default until the CUDA path has been measured on a GPU (docs/PERFORMANCE.md)."""
-    monkeypatch.delenv("EVF_SAM_PROMPT_GRAPHS", raising=False)
-    assert Settings(EVF_SAM_CHECKPOINT=str(tiny_checkpoint)).evf_sam_prompt_graphs == "off"
