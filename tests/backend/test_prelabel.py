@@ -101,7 +101,10 @@ def test_interrupted_run_resumes_without_duplicates(ls, model_env) -> None:
 
 def test_rq_overlapping_runs_and_a_lost_write_leave_one_prediction_per_task(ls, model_env, redis_db,
                                                                              start_worker) -> None:
-    env = {**model_env, **redis_db.env(), "LABEL_STUDIO_URL": ls.url, "LABEL_STUDIO_API_KEY": TOKEN}
+    # Own queues: a session-wide worker without LS credentials (the rq_stack fixture) must not take these chunks.
+    env = {**model_env, **redis_db.env(), "LABEL_STUDIO_URL": ls.url, "LABEL_STUDIO_API_KEY": TOKEN,
+           "REDIS_KEY_PREFIX": f"evf-{redis_db.run_id}-pre", "QUEUE_INTERACTIVE": f"{redis_db.run_id}-pre-interactive",
+           "QUEUE_BATCH": f"{redis_db.run_id}-pre-batch"}
     tasks = add_tasks(ls, 2, 8)
     broken = ls.add_task(2, {"image": "/data/upload/1/broken.png", "prompt": "x"})
     for name in ("a", "b"):
