@@ -107,10 +107,9 @@ def _load_runtime(settings: Settings, checkpoint: str) -> Runtime:
     started = time.perf_counter()
     model = evf_sam.load_model(checkpoint, device=where.device, dtype=getattr(torch, where.dtype))
     on_cuda = where.device.startswith("cuda")
-    fused = settings.evf_sam_fused_attention == "on" or (settings.evf_sam_fused_attention == "auto" and on_cuda)
-    graphs = settings.evf_sam_prompt_graphs == "on" or (settings.evf_sam_prompt_graphs == "auto" and on_cuda)
-    speedups = accelerate(model, fused_attention=fused, compile_encoder=settings.evf_sam_compile,
-                          prompt_graphs=graphs)
+    speedups = accelerate(model, fused_attention=_switched_on(settings.evf_sam_fused_attention, on_cuda),
+                          compile_encoder=settings.evf_sam_compile,
+                          prompt_graphs=_switched_on(settings.evf_sam_prompt_graphs, on_cuda))
     # Jobs use masks and scores only: the float32 logits stay on the device.
     predictor = evf_sam.EvfPredictor(model, cache_size=settings.embedding_cache_size,
                                      max_image_batch=settings.image_batch_size,
@@ -123,6 +122,11 @@ def _load_runtime(settings: Settings, checkpoint: str) -> Runtime:
     log.info("loaded %s (%s) on %s/%s, preprocessing on %s, %s, in %.1f s", runtime.model_name, runtime.fingerprint,
              runtime.device, runtime.dtype, runtime.preprocess, speedups, time.perf_counter() - started)
     return runtime
+
+
+def _switched_on(switch: str, on_cuda: bool) -> bool:
+    """An "auto" | "on" | "off" speed-up setting: "auto" means on for a CUDA model."""
+    return switch == "on" or (switch == "auto" and on_cuda)
 
 
 def _get_fetcher(settings: Settings, hostname: str | None) -> Any:

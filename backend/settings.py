@@ -11,12 +11,21 @@ from pathlib import Path
 from typing import Annotated, Literal
 from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
+from pydantic import AliasChoices, BeforeValidator, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEMO_CHECKPOINT = "models/evf-demo"
 LS_PREDICT_TIMEOUT = 100.0  # Label Studio's ML_TIMEOUT_PREDICT; our deadline must stay below it
+
+def _comma_list(value: object) -> object:
+    """"a, b,,c" -> ["a", "b", "c"]; anything else unchanged (for list settings given as one string)."""
+    if isinstance(value, str):
+        return [item.strip() for item in value.split(",") if item.strip()]
+    return value
+
+
+CommaList = Annotated[list[str], NoDecode, BeforeValidator(_comma_list)]
 
 # Training from corrections: the recipe's value types (shared by Settings and the per-run overrides of
 # backend.corrections.train.TrainingRecipe). Part names are those of evf_sam.train.PARTS.
@@ -26,7 +35,7 @@ TrainEpochs = Annotated[int, Field(ge=0, le=10_000)]
 TrainLr = Annotated[float, Field(gt=0, le=0.1)]
 TrainBatchSize = Annotated[int, Field(ge=1, le=4096)]
 TrainWarmup = Annotated[float, Field(ge=0, le=0.5)]
-TrainParts = Annotated[list[TrainablePart], NoDecode]
+TrainParts = Annotated[list[TrainablePart], NoDecode, BeforeValidator(_comma_list)]
 Holdout = Annotated[float, Field(gt=0, lt=1)]
 MinRecords = Annotated[int, Field(ge=2)]
 
@@ -139,7 +148,7 @@ class Settings(BaseSettings):
     local_files_document_root: Path | None = Field(
         None, validation_alias="LOCAL_FILES_DOCUMENT_ROOT",
         description="Read /data/local-files/?d=... from this directory instead of downloading it.")
-    media_allowed_hosts: Annotated[list[str], NoDecode] = Field(
+    media_allowed_hosts: CommaList = Field(
         default_factory=list, validation_alias="MEDIA_ALLOWED_HOSTS",
         description="Comma-separated extra hosts images may be downloaded from.")
     max_image_bytes: int = Field(50 * 2**20, ge=1, validation_alias="MAX_IMAGE_BYTES")
@@ -205,13 +214,6 @@ class Settings(BaseSettings):
         if not value.startswith(("http://", "https://")):
             raise ValueError("LABEL_STUDIO_URL must start with http:// or https://")
         return value.rstrip("/")
-
-    @field_validator("media_allowed_hosts", "corrections_train_parts", mode="before")
-    @classmethod
-    def _split_list(cls, value: object) -> object:
-        if isinstance(value, str):
-            return [item.strip() for item in value.split(",") if item.strip()]
-        return value
 
     @field_validator("redis_url", "label_studio_api_key", "basic_auth_pass", "webhook_secret", mode="before")
     @classmethod

@@ -96,8 +96,12 @@ def lr_factor(step: int, warmup: int, total: int, min_ratio: float = 0.0) -> flo
     """Linear warm-up over `warmup` steps, then cosine decay to `min_ratio` at `total`."""
     if step < warmup:
         return (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    return cosine_factor((step - warmup) / max(1, total - warmup), min_ratio)
+
+
+def cosine_factor(progress: float, min_ratio: float = 0.0) -> float:
+    """Cosine decay from 1 at `progress` 0 to `min_ratio` at 1 (and after)."""
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
 # ---------------------------------------------------------------------------------------------------- state

@@ -18,7 +18,6 @@ With a `SyntheticStream`, fresh images replace the oldest ones in the pool while
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -30,7 +29,7 @@ import torch.nn.functional as F
 from evf_sam.data.resident import ResidentData
 from evf_sam.data.stream import SyntheticStream
 from evf_sam.losses import dice_loss
-from evf_sam.train import lr_factor
+from evf_sam.train import cosine_factor, lr_factor
 
 
 @dataclass
@@ -197,8 +196,7 @@ def _time_factor(elapsed: float, limit: float, step: int, recipe: ResidentRecipe
     cosine decay to `recipe.min_lr_ratio` by elapsed time."""
     if step < recipe.warmup:
         return (step + 1) / recipe.warmup
-    progress = min(1.0, elapsed / limit)
-    return recipe.min_lr_ratio + (1 - recipe.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    return cosine_factor(elapsed / limit, recipe.min_lr_ratio)
 
 
 def _compile(model: Any) -> None:

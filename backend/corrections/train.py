@@ -82,8 +82,6 @@ def recipe(settings: Settings, **overrides: Any) -> TrainingRecipe:
     given = {key: value for key, value in overrides.items() if value is not None}
     if "steps" in given and "epochs" not in given:
         values["epochs"] = 0
-    if isinstance(given.get("parts"), str):
-        given["parts"] = [part.strip() for part in given["parts"].split(",") if part.strip()]
     try:
         return TrainingRecipe(**{**values, **given})
     except ValidationError as error:
