@@ -282,6 +282,13 @@ def make_figure(args: argparse.Namespace) -> int:
     return 0
 
 
+def _at_least_one(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    if not text.strip().isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
+    return int(text)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -323,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--stream", action="store_true",
                    help="keep rendering new training images while training and swap them in, oldest first "
                         "(evf_sam.data.stream), so the model does not memorise the --train-images pool")
-    t.add_argument("--stream-workers", type=int, default=None,
+    t.add_argument("--stream-workers", type=_at_least_one, default=None,
                    help="rendering processes of --stream (default: CPU count - 2)")
     t.add_argument("--data-cache", default=None,
                    help="file for the rendered training data: read when present, else written (shared by runs)")
